@@ -1,0 +1,368 @@
+"""Typed run configuration: dataclass schema -> YAML file -> `key=value` overrides.
+
+Precedence is CLI > YAML > schema defaults. Every user mistake (unknown key, wrong
+type, out-of-range value) raises ConfigError with one line that names the key, so a
+typo never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, never a traceback."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # digits | image_folder | cifar10 | mnist | synthetic
+    dataset: str = "digits"
+    # Where image_folder/cifar10/mnist live; image_folder expects train/ (and optionally val/).
+    root: str = "data"
+    download: bool = False
+    batch_size: int = 64  # per rank, per micro-batch
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    augment: bool = True
+    # Fraction of image_folder held out for validation when it has no val/ folder.
+    val_fraction: float = 0.2
+    image_size: int = 32  # image_folder only: images are resized to this square size
+    # synthetic only
+    synthetic_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    synthetic_size: int = 4096
+    synthetic_classes: int = 10
+
+
+@dataclass
+class ModelConfig:
+    # seed_cnn | mlp | resnet18 | resnet50 | "package.module:factory"
+    name: str = "seed_cnn"
+    mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])
+    # resnet only: 3x3 stride-1 stem without max-pool, for 32x32-sized images.
+    small_input_stem: bool = True
+    # Extra keyword arguments for a user factory ("module:factory").
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "cosine", "step", "onecycle"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: final lr = optim.lr * min_lr_ratio
+    step_size: int = 1000  # step: decay every step_size optimizer steps
+    gamma: float = 0.1  # step: decay factor
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None  # optimizer steps
+    max_epochs: int | None = None  # stop at whichever limit comes first
+    # End this invocation at this step with a checkpoint, as a preemption would; the LR
+    # schedule and data order still span the whole run, so a resume continues exactly.
+    stop_at_step: int | None = None
+    grad_accum_steps: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    clip_grad_norm: float | None = None
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables evaluation except at the end
+    progress_bar: bool = True  # rank 0, and only when attached to a terminal
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["none", "ddp"] = "none"
+    # DDP gradient bucket size; larger buckets mean fewer, bigger all-reduces.
+    bucket_cap_mb: float = 25.0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100  # 0 saves only at the end
+    keep_last: int = 3
+    resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "dist_train"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Build a Config from schema defaults, then a YAML file, then `a.b=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = _read_yaml(Path(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_dotted(values, key.strip(), _parse_override_value(raw))
+    cfg = _build(Config, values, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_override_value(raw: str) -> Any:
+    # YAML scalars give the CLI the same typing as the file: 0.05 -> float, true -> bool.
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    node = values
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])} is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            keys.extend(all_keys(hint, prefix + name + "."))
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"unknown config key {key}{hint}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.')} must be a section (mapping), got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise _unknown_key(prefix + str(key))
+    kwargs = {}
+    for name in names:
+        if name not in values:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, values[name], prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(values[name], hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 1e-3 as a string; users mean a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if hint is Any:
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")  # a schema bug, not user error
+
+
+# --------------------------------------------------------------------------- validation
+
+DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic")
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks; each failure names its key."""
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} {message}")
+
+    require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
+    require(
+        cfg.data.dataset in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}; got {cfg.data.dataset!r}"
+    )
+    require(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
+    require(cfg.data.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {cfg.data.eval_batch_size}")
+    require(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    require(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be between 0 and 1, got {cfg.data.val_fraction}")
+    require(cfg.data.image_size >= 8, "data.image_size", f"must be >= 8, got {cfg.data.image_size}")
+    require(
+        len(cfg.data.synthetic_shape) == 3 and min(cfg.data.synthetic_shape) >= 1,
+        "data.synthetic_shape",
+        f"must be [channels, height, width] of positive sizes, got {cfg.data.synthetic_shape}",
+    )
+    require(cfg.data.synthetic_size >= 1, "data.synthetic_size", f"must be >= 1, got {cfg.data.synthetic_size}")
+    require(
+        cfg.data.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {cfg.data.synthetic_classes}"
+    )
+    require(
+        all(h >= 1 for h in cfg.model.mlp_hidden), "model.mlp_hidden", f"sizes must be >= 1, got {cfg.model.mlp_hidden}"
+    )
+
+    require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    require(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}")
+    require(0 <= cfg.optim.momentum < 1, "optim.momentum", f"must be in [0, 1), got {cfg.optim.momentum}")
+    require(not cfg.optim.nesterov or cfg.optim.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
+    require(
+        len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+        "optim.betas",
+        f"must be two values in [0, 1), got {cfg.optim.betas}",
+    )
+    require(cfg.optim.eps > 0, "optim.eps", f"must be > 0, got {cfg.optim.eps}")
+
+    require(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {cfg.schedule.warmup_steps}")
+    require(
+        0 <= cfg.schedule.min_lr_ratio <= 1,
+        "schedule.min_lr_ratio",
+        f"must be in [0, 1], got {cfg.schedule.min_lr_ratio}",
+    )
+    require(cfg.schedule.step_size >= 1, "schedule.step_size", f"must be >= 1, got {cfg.schedule.step_size}")
+    require(0 < cfg.schedule.gamma <= 1, "schedule.gamma", f"must be in (0, 1], got {cfg.schedule.gamma}")
+
+    t = cfg.train
+    require(
+        t.max_steps is not None or t.max_epochs is not None,
+        "train.max_steps",
+        "or train.max_epochs must be set (training needs an end)",
+    )
+    require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    require(t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs", f"must be >= 1, got {t.max_epochs}")
+    require(t.stop_at_step is None or t.stop_at_step >= 1, "train.stop_at_step", f"must be >= 1, got {t.stop_at_step}")
+    require(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
+    require(
+        t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm", f"must be > 0, got {t.clip_grad_norm}"
+    )
+    require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    if cfg.schedule.name == "onecycle" and t.max_steps is not None:
+        require(
+            cfg.schedule.warmup_steps < t.max_steps, "schedule.warmup_steps", "must be < train.max_steps for onecycle"
+        )
+
+    require(cfg.parallel.bucket_cap_mb > 0, "parallel.bucket_cap_mb", f"must be > 0, got {cfg.parallel.bucket_cap_mb}")
+    require(
+        cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {cfg.checkpoint.every_steps}"
+    )
+    require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
+    require(bool(cfg.checkpoint.resume), "checkpoint.resume", "must be auto, never or a checkpoint path")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
