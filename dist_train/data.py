@@ -1,0 +1,327 @@
+"""Datasets, augmentation and the sharded, resumable training data pipeline.
+
+Two decisions make resume exact and independent of workers and world size:
+- The data position is a *global* count of samples consumed from the epoch's permutation.
+  Rank r reads remaining[r::world], so after any number of whole steps the ranks together
+  have consumed exactly a prefix of the permutation.
+- Augmentation randomness is a pure function of (seed, epoch, sample index): each sample
+  seeds its own RNG, so neither DataLoader worker seeds nor the resume point change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+
+from dist_train.config import DataConfig, UserError
+from dist_train.distributed import DistEnv
+
+
+class DataError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    input_shape: tuple[int, int, int]  # (channels, height, width) after transforms
+    num_classes: int
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    train_transform: Callable | None
+    eval_transform: Callable | None
+    spec: DataSpec
+
+
+# --------------------------------------------------------------------------- registry
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _pipeline(*, size: int, pad: int, flip: bool, mean: tuple, std: tuple, from_pil: bool, augment: bool):
+    """(train, eval) torchvision v2 transforms: random crop with padding, optional flip, normalize."""
+    from torchvision.transforms import v2
+
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)] if from_pil else []
+    normalize = [v2.Normalize(mean, std)]
+    random_ops = [v2.RandomCrop(size, padding=pad)] + ([v2.RandomHorizontalFlip()] if flip else [])
+    train = v2.Compose(to_tensor + (random_ops if augment else []) + normalize)
+    return train, v2.Compose(to_tensor + normalize)
+
+
+def _digits(cfg: DataConfig) -> Datasets:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    # A fixed split (seed 0), independent of run.seed, so validation numbers compare across runs.
+    order = torch.tensor(np.random.RandomState(0).permutation(len(labels)))
+    n_val = len(labels) // 5
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    mean, std = images[train_idx].mean().item(), images[train_idx].std().item()
+    # Digits are not mirror-symmetric, so no horizontal flip; a one-pixel shift is realistic.
+    train_tf, eval_tf = _pipeline(
+        size=8, pad=1, flip=False, mean=(mean,), std=(std,), from_pil=False, augment=cfg.augment
+    )
+    return Datasets(
+        train=TensorDataset(images[train_idx], labels[train_idx]),
+        val=TensorDataset(images[val_idx], labels[val_idx]),
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+        spec=DataSpec((1, 8, 8), 10),
+    )
+
+
+def _torchvision_dataset(cfg: DataConfig, name: str) -> Datasets:
+    from torchvision import datasets
+
+    cls, shape, pad, flip, mean, std = {
+        "cifar10": (datasets.CIFAR10, (3, 32, 32), 4, True, CIFAR10_MEAN, CIFAR10_STD),
+        "mnist": (datasets.MNIST, (1, 28, 28), 2, False, MNIST_MEAN, MNIST_STD),
+    }[name]
+    try:
+        train = cls(cfg.root, train=True, download=cfg.download)
+        val = cls(cfg.root, train=False, download=cfg.download)
+    except RuntimeError as exc:
+        hint = "" if cfg.download else "; set data.download=true to fetch it"
+        raise DataError(f"{name} not found under data.root={cfg.root} ({exc}){hint}") from None
+    train_tf, eval_tf = _pipeline(
+        size=shape[1], pad=pad, flip=flip, mean=mean, std=std, from_pil=True, augment=cfg.augment
+    )
+    return Datasets(train, val, train_tf, eval_tf, DataSpec(shape, 10))
+
+
+def _image_folder(cfg: DataConfig) -> Datasets:
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    root = Path(cfg.root)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist (image_folder needs class-named folders of images)")
+    try:
+        train_full = datasets.ImageFolder(str(train_dir))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"data.root={root} holds no usable images: {exc}") from None
+    if (root / "val").is_dir():
+        val = datasets.ImageFolder(str(root / "val"))
+        if val.classes != train_full.classes:
+            raise DataError(f"{root}/val has classes {val.classes}, train has {train_full.classes}")
+        train = train_full
+    else:
+        order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(0)).tolist()
+        n_val = max(1, int(len(order) * cfg.val_fraction))
+        train, val = Subset(train_full, order[n_val:]), Subset(train_full, order[:n_val])
+    size = cfg.image_size
+    train_tf, eval_tf = _pipeline(
+        size=size, pad=size // 8, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, from_pil=True, augment=cfg.augment
+    )
+    # ImageFolder's loader already gives RGB; images come in any size, so make them square first.
+    train_tf, eval_tf = v2.Compose([v2.Resize((size, size)), train_tf]), v2.Compose([v2.Resize((size, size)), eval_tf])
+    return Datasets(train, val, train_tf, eval_tf, DataSpec((3, size, size), len(train_full.classes)))
+
+
+def _synthetic(cfg: DataConfig) -> Datasets:
+    # Fixed seed: every rank and every run sees the same tensors.
+    g = torch.Generator().manual_seed(0)
+    shape, n_val = tuple(cfg.synthetic_shape), max(1, cfg.synthetic_size // 8)
+
+    def make(n: int) -> TensorDataset:
+        return TensorDataset(
+            torch.randn(n, *shape, generator=g), torch.randint(0, cfg.synthetic_classes, (n,), generator=g)
+        )
+
+    return Datasets(make(cfg.synthetic_size), make(n_val), None, None, DataSpec(shape, cfg.synthetic_classes))
+
+
+def build_datasets(cfg: DataConfig) -> Datasets:
+    if cfg.dataset == "digits":
+        return _digits(cfg)
+    if cfg.dataset in ("cifar10", "mnist"):
+        return _torchvision_dataset(cfg, cfg.dataset)
+    if cfg.dataset == "image_folder":
+        return _image_folder(cfg)
+    if cfg.dataset == "synthetic":
+        return _synthetic(cfg)
+    raise DataError(f"unknown data.dataset {cfg.dataset!r}")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that starts mid-epoch and yields only whole global batches.
+
+    Yields (epoch, index) pairs so the dataset can seed per-sample augmentation.
+    The epoch is cut to a multiple of the global batch: every optimizer step sees a full
+    batch and no rank ever has more batches than another.
+    """
+
+    def __init__(
+        self, dataset_len: int, world_size: int, rank: int, seed: int, global_batch: int, shuffle: bool = True
+    ) -> None:
+        super().__init__(
+            range(dataset_len), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+        )
+        self.dataset_len = dataset_len
+        self.global_batch = global_batch
+        self.samples_per_epoch = (dataset_len // global_batch) * global_batch  # global, all ranks
+        self.start = 0  # samples of this epoch already consumed by all ranks together
+
+    def set_start(self, consumed: int) -> None:
+        if consumed % self.num_replicas or not 0 <= consumed <= self.samples_per_epoch:
+            raise ValueError(f"cannot start at sample {consumed} of an epoch of {self.samples_per_epoch}")
+        self.start = consumed
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.dataset_len)
+        return torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.permutation(self.epoch)[self.start : self.samples_per_epoch]
+        epoch = self.epoch
+        return iter([(epoch, i) for i in order[self.rank :: self.num_replicas].tolist()])
+
+    def __len__(self) -> int:
+        return (self.samples_per_epoch - self.start) // self.num_replicas
+
+
+class SeededAugment(Dataset):
+    """Applies the training transform with an RNG seeded by (seed, epoch, index)."""
+
+    def __init__(self, base: Dataset, transform: Callable | None, seed: int) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any]:
+        epoch, index = key
+        x, y = self.base[index]
+        if self.transform is None:
+            return x, y
+        # torchvision transforms draw from the global CPU generator: seed it for this sample and
+        # put the caller's state back (torch.random.fork_rng costs 100x more per sample).
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        try:
+            return self.transform(x), y
+        finally:
+            generator.set_state(saved)
+
+
+class Transformed(Dataset):
+    def __init__(self, base: Dataset, transform: Callable | None) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        x, y = self.base[index]
+        return (self.transform(x) if self.transform else x), y
+
+
+class TrainBatches:
+    """Micro-batches across epochs, with a checkpointable position (epoch, samples consumed)."""
+
+    def __init__(self, loader: DataLoader, sampler: ResumableDistributedSampler) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.epoch, self.consumed = 0, 0
+        self._iterator: Iterator | None = None
+        self._samples_per_micro_batch = loader.batch_size * sampler.num_replicas
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.samples_per_epoch // self.sampler.global_batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "samples_consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["samples_consumed"])
+        self._iterator = None
+
+    def next_micro_batch(self) -> Any:
+        if self._iterator is None:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.set_start(self.consumed)
+            self._iterator = iter(self.loader)
+        batch = next(self._iterator)
+        self.consumed += self._samples_per_micro_batch
+        if self.consumed >= self.sampler.samples_per_epoch:
+            self.epoch, self.consumed, self._iterator = self.epoch + 1, 0, None
+        return batch
+
+
+class EvalShard(torch.utils.data.Sampler[int]):
+    """Rank r evaluates samples r, r+world, ...: every sample once, none padded or repeated."""
+
+    def __init__(self, dataset_len: int, world_size: int, rank: int) -> None:
+        self.indices = list(range(rank, dataset_len, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class DataPipeline:
+    train: TrainBatches
+    val_loader: DataLoader
+    spec: DataSpec
+    global_batch: int
+
+
+def build_pipeline(cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int) -> DataPipeline:
+    datasets = build_datasets(cfg)
+    global_batch = env.world_size * cfg.batch_size * grad_accum_steps
+    n_train = len(datasets.train)
+    if n_train < global_batch:
+        raise DataError(
+            f"data.dataset={cfg.dataset} has {n_train} training samples, fewer than one global batch of "
+            f"{global_batch} (world {env.world_size} x data.batch_size {cfg.batch_size} x "
+            f"train.grad_accum_steps {grad_accum_steps})"
+        )
+    sampler = ResumableDistributedSampler(n_train, env.world_size, env.rank, seed, global_batch)
+    loader_kwargs: dict[str, Any] = dict(
+        num_workers=cfg.num_workers,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        # Our own generator keeps DataLoader from drawing on the global RNG, which would
+        # shift dropout and init randomness whenever an iterator is (re)created.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    train_loader = DataLoader(
+        SeededAugment(datasets.train, datasets.train_transform, seed),
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        **loader_kwargs,
+    )
+    val = Transformed(datasets.val, datasets.eval_transform)
+    val_loader = DataLoader(
+        val, batch_size=cfg.eval_batch_size, sampler=EvalShard(len(val), env.world_size, env.rank), **loader_kwargs
+    )
+    return DataPipeline(TrainBatches(train_loader, sampler), val_loader, datasets.spec, global_batch)
+
+
+def total_steps(max_steps: int | None, max_epochs: int | None, steps_per_epoch: int) -> int:
+    """Total optimizer steps: whichever of max_steps and max_epochs ends first (one must be set)."""
+    limits = [s for s in (max_steps, None if max_epochs is None else max_epochs * steps_per_epoch) if s is not None]
+    return min(limits)

@@ -1,0 +1,108 @@
+"""Process-group setup from torchrun's environment, per-rank seeding, and collectives helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def read_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's variables; a lone process is rank 0 of 1."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return rank, local_rank, world_size
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[DistEnv]:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and always leave it."""
+    rank, local_rank, world_size = read_env()
+    if torch.cuda.is_available():
+        # One GPU per local rank; wraps around only if the user starts more workers than GPUs.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ
+    started_here = False
+    if under_torchrun and not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        started_here = True
+    try:
+        yield DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    finally:
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks in place (no-op single-process); returns the tensor for chaining."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank passed True: a decision all ranks take together."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(value).item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

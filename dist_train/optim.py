@@ -1,0 +1,63 @@
+"""Optimizers with decoupled weight-decay groups, and LR schedules stepped once per optimizer step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from dist_train.config import OptimConfig, ScheduleConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and kernels; never biases or normalization weights (all 1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.name == "adam":
+        # Adam's weight_decay is L2 added to the gradient (coupled), as in torch.optim.Adam.
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+
+
+def lr_multiplier(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
+    """LR factor after `step` optimizer steps: linear warmup, then the named decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        return cfg.gamma ** ((step - cfg.warmup_steps) // cfg.step_size)
+    # cosine
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:
+    if cfg.name == "onecycle":
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        pct_start = cfg.warmup_steps / total_steps if cfg.warmup_steps else 0.3
+        # cycle_momentum needs a momentum/beta1 to cycle; plain SGD without momentum has none.
+        has_momentum = "betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0
+        return OneCycleLR(
+            optimizer, max_lr=lrs, total_steps=total_steps, pct_start=pct_start, cycle_momentum=has_momentum
+        )
+
+    # A plain function: LambdaLR then keeps nothing but last_epoch in its state dict, which
+    # therefore loads with weights_only=True.
+    def multiplier(step: int) -> float:
+        return lr_multiplier(cfg, step, total_steps)
+
+    return LambdaLR(optimizer, multiplier)
