@@ -1,0 +1,219 @@
+"""Atomic, verifiable checkpoints and `resume: auto|never|PATH`.
+
+Layout of one checkpoint, `checkpoints/step_00000100/`:
+  train_state.pt   model, optimizer, scheduler, grad scaler, progress, W&B id, config (rank 0)
+  rng_rank{r}.pt   python / numpy / torch / CUDA RNG states of rank r
+  manifest.json    format version, step, size and sha256 of every file, written last
+
+Everything is written into `step_00000100.partial/` and renamed only when complete, so a
+crash mid-save never leaves a directory that resume would pick. The manifest lets resume
+detect a truncated or corrupted checkpoint and fall back to the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_train.config import UserError
+from dist_train.distributed import DistEnv, barrier
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.pt"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+def step_dir(checkpoint_root: Path, step: int) -> Path:
+    return checkpoint_root / f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_durably(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(checkpoint_root: Path, step: int, train_state: dict[str, Any], env: DistEnv, keep_last: int) -> Path:
+    """Collective: every rank calls it. Rank 0 writes the train state; each rank its RNG."""
+    final = step_dir(checkpoint_root, step)
+    partial = final.with_name(final.name + ".partial")
+    if env.is_main:
+        if partial.exists():
+            shutil.rmtree(partial)  # left by an earlier crash
+        partial.mkdir(parents=True)
+    barrier()
+    _write_durably(partial / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
+    barrier()
+    if env.is_main:
+        _write_durably(partial / TRAIN_STATE, lambda f: torch.save(train_state, f))
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": env.world_size, "files": files}
+        _write_durably(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        if final.exists():
+            # Only when training was restarted from an older checkpoint: the new one wins.
+            stale = final.with_name(final.name + ".stale")
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(partial, final)
+        _fsync_dir(checkpoint_root)
+        for old in list_checkpoints(checkpoint_root)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- find and load
+
+
+def list_checkpoints(checkpoint_root: Path) -> list[Path]:
+    """Completed checkpoint directories, oldest first."""
+    if not checkpoint_root.is_dir():
+        return []
+    found = [p for p in checkpoint_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError unless every file matches the manifest recorded at save."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (incomplete or not a checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        version = manifest["format_version"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} has an unreadable {MANIFEST}") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version}; this dist_train reads up to "
+            f"{FORMAT_VERSION} (upgrade dist_train)"
+        )
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its recorded checksum")
+
+
+def latest_valid(checkpoint_root: Path) -> Path | None:
+    """Newest checkpoint that verifies; broken ones are reported in one line each and skipped."""
+    for path in reversed(list_checkpoints(checkpoint_root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as exc:
+            print(f"warning: skipping {exc}", file=sys.stderr)
+    return None
+
+
+def resolve_resume(resume: str, checkpoint_root: Path) -> Path | None:
+    """The checkpoint to resume from, or None to start fresh; refuses to clobber an existing run."""
+    if resume == "auto":
+        return latest_valid(checkpoint_root)
+    if resume == "never":
+        existing = list_checkpoints(checkpoint_root)
+        if existing:
+            raise CheckpointError(
+                f"{checkpoint_root} already holds checkpoints (newest {existing[-1].name}) and "
+                "checkpoint.resume=never; use checkpoint.resume=auto or another run.name"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
+    verify(path)
+    return path
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: one line, not a traceback
+        raise CheckpointError(f"cannot read {path / TRAIN_STATE}: {exc}") from None
+
+
+def load_rng_state(path: Path, rank: int) -> dict[str, Any] | None:
+    file = path / f"rng_rank{rank}.pt"
+    if not file.is_file():
+        return None
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Strict load that names the first mismatching parameter instead of a wall of text."""
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in state:
+            raise CheckpointError(f"checkpoint {source} does not fit this model: parameter {name} is missing")
+        if state[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"checkpoint {source} does not fit this model: {name} has shape "
+                f"{tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model"
+            )
+    extra = [name for name in state if name not in own]
+    if extra:
+        raise CheckpointError(f"checkpoint {source} does not fit this model: unexpected parameter {extra[0]}")
+    model.load_state_dict(state)

@@ -1,0 +1,69 @@
+"""`dist-train train|launch CONFIG [key=value ...]`. User mistakes print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dist_train.config import UserError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-train", description="Train with DDP on torchrun, or on one process.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train in this process (joins torchrun's process group if present)")
+    train.add_argument("config", help="YAML config file, e.g. configs/digits.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=0.05 train.max_steps=200")
+
+    launch = sub.add_parser("launch", help="start workers with torchrun, each running `dist-train train`")
+    launch.add_argument("config")
+    launch.add_argument("overrides", nargs="*", metavar="key=value")
+    launch.add_argument(
+        "--nproc-per-node",
+        default="auto",
+        help="workers on this node: a number or 'auto' (the visible GPUs, or 1 on CPU)",
+    )
+    launch.add_argument("--nnodes", type=int, default=1)
+    launch.add_argument("--node-rank", type=int, default=0)
+    launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0, for several nodes")
+    launch.add_argument("--rdzv-id", default="dist_train", help="the same on every node of one job")
+    launch.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come before or after launch flags; argparse collects only the first run.
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:
+        if item.startswith("-") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r} (overrides look like key=value)")
+        args.overrides.append(item)
+    try:
+        cfg = load_config(args.config, args.overrides)  # validated before any worker starts
+        if args.command == "launch":
+            from dist_train.launcher import LaunchOptions, launch
+
+            opts = LaunchOptions(
+                args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.max_restarts
+            )
+            return launch(args.config, args.overrides, opts)
+        from dist_train.trainer import train
+
+        train(cfg)
+        return 0
+    except UserError as exc:
+        rank = os.environ.get("RANK")
+        prefix = (
+            f"error (rank {rank}): " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else "error: "
+        )
+        print(prefix + str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""`dist-train launch`: build the torchrun command that starts the workers, print it, run it.
+
+torchrun does all process management (spawn, rendezvous, restarts); this module only turns our
+flags into its flags, so `launch` never behaves differently from the command it prints.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from dist_train.config import UserError
+
+
+@dataclass
+class LaunchOptions:
+    nproc_per_node: str = "auto"  # a number, or "auto": visible GPUs, 1 without any
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # HOST:PORT of node 0; needed when nnodes > 1
+    rdzv_id: str = "dist_train"
+    max_restarts: int = 0
+
+
+def resolve_nproc(value: str) -> int:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if value == "auto":
+        return max(gpus, 1)
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"--nproc-per-node must be a number or 'auto', got {value!r}") from None
+    if n < 1:
+        raise UserError(f"--nproc-per-node must be >= 1, got {n}")
+    if gpus and n > gpus:
+        raise UserError(f"--nproc-per-node {n} is more than the {gpus} GPUs visible on this node")
+    return n
+
+
+def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions) -> list[str]:
+    nproc = resolve_nproc(opts.nproc_per_node)
+    if opts.nnodes < 1:
+        raise UserError(f"--nnodes must be >= 1, got {opts.nnodes}")
+    if not 0 <= opts.node_rank < opts.nnodes:
+        raise UserError(f"--node-rank must be in [0, {opts.nnodes}), got {opts.node_rank}")
+    if opts.max_restarts < 0:
+        raise UserError(f"--max-restarts must be >= 0, got {opts.max_restarts}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--nnodes={opts.nnodes}",
+        f"--max-restarts={opts.max_restarts}",
+    ]
+    if opts.nnodes == 1 and opts.rdzv_endpoint is None:
+        cmd.append("--standalone")  # a private rendezvous on a free local port
+    else:
+        if opts.rdzv_endpoint is None:
+            raise UserError("--rdzv-endpoint HOST:PORT (node 0's address) is required with --nnodes > 1")
+        cmd += [
+            f"--node-rank={opts.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={opts.rdzv_endpoint}",
+            f"--rdzv-id={opts.rdzv_id}",
+        ]
+    return cmd + ["-m", "dist_train.cli", "train", config_path, *overrides]
+
+
+def launch(config_path: str, overrides: list[str], opts: LaunchOptions) -> int:
+    cmd = torchrun_command(config_path, overrides, opts)
+    print("+ " + shlex.join(cmd), flush=True)
+    return subprocess.call(cmd)

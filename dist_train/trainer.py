@@ -1,0 +1,247 @@
+"""The training loop: setup, gradient-accumulating AMP steps, evaluation, checkpoints.
+
+Read it top to bottom: `train` builds everything and restores a checkpoint, `_fit` is the loop.
+The hot path does no host sync; losses and the non-finite check stay on the device and are
+read only every `train.log_every` steps and before a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_train import checkpoint
+from dist_train.config import Config, ConfigError, UserError, dump_yaml, to_dict
+from dist_train.data import DataPipeline, build_pipeline, total_steps
+from dist_train.distributed import (
+    DistEnv,
+    all_reduce_min,
+    all_reduce_sum,
+    broadcast_object,
+    process_group,
+    seed_everything,
+)
+from dist_train.logger import RunLogger, new_wandb_run_id
+from dist_train.models import build_model
+from dist_train.optim import build_optimizer, build_scheduler
+from dist_train.parallel import build_strategy
+
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train(cfg: Config) -> TrainResult:
+    with process_group() as env:
+        return _train(cfg, env)
+
+
+def _train(cfg: Config, env: DistEnv) -> TrainResult:
+    strategy = build_strategy(cfg.parallel, env)
+    autocast(cfg.train.precision, env.device)  # fails fast on fp16 without a GPU
+
+    seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
+    data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
+    model = strategy.wrap(build_model(cfg.model, data.spec).to(env.device))
+    optimizer = build_optimizer(cfg.optim, model)
+    last_step = total_steps(cfg.train.max_steps, cfg.train.max_epochs, data.train.steps_per_epoch)
+    scheduler = build_scheduler(cfg.schedule, optimizer, last_step)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
+    seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout) from here on
+
+    run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    resume_from = _on_rank0(env, lambda: checkpoint.resolve_resume(cfg.checkpoint.resume, checkpoint_root))
+    start_step, wandb_run_id = 0, new_wandb_run_id()
+    if resume_from is not None:
+        state = checkpoint.load_train_state(resume_from)
+        checkpoint.load_model_state(strategy.unwrap(model), state["model"], resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        data.train.load_state_dict(state["data"])
+        start_step, wandb_run_id = state["step"], state["wandb_run_id"]
+        rng = checkpoint.load_rng_state(resume_from, env.rank)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+    wandb_run_id = broadcast_object(wandb_run_id)
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    logger = RunLogger(cfg, run_dir, env.is_main, wandb_run_id, start_step, last_step)
+    try:
+        if resume_from is not None:
+            logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
+        logger.message(
+            f"training {last_step} steps of global batch {data.global_batch} "
+            f"({env.world_size} x {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation) "
+            f"on {env.device}, {strategy.name}, {cfg.train.precision}"
+        )
+
+        def save(step: int) -> Path:
+            train_state = {
+                "step": step,
+                "model": strategy.unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "data": data.train.state_dict(),
+                "wandb_run_id": wandb_run_id,
+                "world_size": env.world_size,
+                "config": to_dict(cfg),
+            }
+            return checkpoint.save(checkpoint_root, step, train_state, env, cfg.checkpoint.keep_last)
+
+        return _fit(cfg, env, model, strategy, optimizer, scheduler, scaler, data, logger, save, start_step, last_step)
+    finally:
+        logger.close()
+
+
+def _on_rank0(env: DistEnv, decide):
+    """Run a decision on rank 0 and hand every rank the same answer (or the same error)."""
+    outcome: tuple[str, Any] = ("ok", None)
+    if env.is_main:
+        try:
+            outcome = ("ok", decide())
+        except UserError as exc:
+            outcome = ("error", str(exc))
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def _fit(
+    cfg: Config,
+    env: DistEnv,
+    model: nn.Module,
+    strategy,
+    optimizer,
+    scheduler,
+    scaler,
+    data: DataPipeline,
+    logger: RunLogger,
+    save,
+    start_step: int,
+    last_step: int,
+) -> TrainResult:
+    t = cfg.train
+    amp = autocast(t.precision, env.device)
+    device = env.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    result = TrainResult(step=start_step)
+    end_step = min(last_step, t.stop_at_step or last_step)  # where this invocation stops
+    if start_step >= end_step:
+        logger.message(f"nothing to do: the run is at step {start_step}, this invocation ends at {end_step}")
+        return result
+
+    # Device-side accumulators, read only at logging time.
+    loss_sum = torch.zeros((), device=device)
+    first_bad_step = torch.full((), last_step + 1, dtype=torch.long, device=device)
+    interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
+
+    def raise_if_nonfinite() -> None:
+        bad = all_reduce_min(first_bad_step.clone()).item()
+        if bad <= last_step:
+            raise NonFiniteLossError(f"loss became NaN/Inf at step {bad}; stopping (the last checkpoint is kept)")
+
+    model.train()
+    for step in range(start_step + 1, end_step + 1):
+        for micro in range(t.grad_accum_steps):
+            fetch_start = time.perf_counter()
+            inputs, targets = data.train.next_micro_batch()
+            data_wait += time.perf_counter() - fetch_start
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            with strategy.gradient_sync(model, enabled=micro == t.grad_accum_steps - 1):
+                with amp:
+                    loss = F.cross_entropy(model(inputs), targets)
+                # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
+                # the accumulation count makes the summed gradient that of one big batch.
+                scaler.scale(loss / t.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            first_bad_step = torch.where(
+                torch.isfinite(loss.detach()), first_bad_step, torch.clamp(first_bad_step, max=step)
+            )
+
+        log_now = step % t.log_every == 0 or step == end_step
+        grad_norm = None
+        if t.clip_grad_norm is not None or log_now:
+            scaler.unscale_(optimizer)  # clip and report the true gradient, not the fp16-scaled one
+            max_norm = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
+            grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()  # once per optimizer step, never per micro-batch
+        steps_in_interval += 1
+
+        if log_now:
+            raise_if_nonfinite()
+            loss_mean = all_reduce_sum(loss_sum.clone()) / (env.world_size * t.grad_accum_steps * steps_in_interval)
+            elapsed = time.perf_counter() - interval_start
+            logger.log(
+                step,
+                {
+                    "loss": loss_mean.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "epoch": data.train.epoch,
+                    "samples_per_s": data.global_batch * steps_in_interval / elapsed,
+                    "step_time": elapsed / steps_in_interval,
+                    "data_wait_fraction": data_wait / elapsed,
+                },
+            )
+            loss_sum.zero_()
+            interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
+
+        if (t.eval_every and step % t.eval_every == 0) or step == end_step:
+            result.eval_metrics = evaluate(strategy.unwrap(model), data.val_loader, device, amp)
+            logger.log(step, result.eval_metrics)
+            model.train()
+
+        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == end_step:
+            raise_if_nonfinite()  # never let a NaN model replace the last good checkpoint
+            result.checkpoint = save(step)
+        result.step = step
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: ContextManager) -> dict[str, float]:
+    """Loss and accuracy over the whole validation split, summed across ranks (same on every rank)."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with amp:
+            logits = model(inputs)
+        totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum")
+        totals[1] += (logits.argmax(dim=1) == targets).sum()
+        totals[2] += targets.numel()
+    loss_sum, correct, count = all_reduce_sum(totals).tolist()
+    return {"val_loss": loss_sum / count, "val_acc": correct / count}
