@@ -7,6 +7,7 @@ flags into its flags, so `launch` never behaves differently from the command it 
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -71,7 +72,19 @@ def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions
     return cmd + ["-m", "dist_train.cli", "train", config_path, *overrides]
 
 
-def launch(config_path: str, overrides: list[str], opts: LaunchOptions) -> int:
+def launch(config_path: str, overrides: list[str], opts: LaunchOptions, precision: str = "fp32") -> int:
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); use bf16 on CPU")
     cmd = torchrun_command(config_path, overrides, opts)
     print("+ " + shlex.join(cmd), flush=True)
-    return subprocess.call(cmd)
+    torchrun = subprocess.Popen(cmd)
+    # A scheduler's SIGTERM reaches only this process: pass it on so torchrun stops the workers
+    # cleanly instead of leaving them orphaned.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: torchrun.send_signal(signum))
+    while True:
+        try:
+            return torchrun.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C went to the whole process group, torchrun included: wait for its shutdown.
+            continue
