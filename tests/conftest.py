@@ -1,0 +1,73 @@
+"""Shared test helpers: a clean environment (no torchrun variables leak in or out) and CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "GROUP_RANK",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_torchrun_env(monkeypatch):
+    """Tests run single-process unless they start torchrun themselves."""
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a test that leaked a process group must not poison the next
+        dist.destroy_process_group()
+        pytest.fail("test left a process group initialized")
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["WANDB_SILENT"] = "true"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `dist-train ARGS` in a fresh interpreter; returns the finished process (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dist_train.cli", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    """Overrides that make the digits job take seconds: few steps, no W&B, output under tmp_path."""
+    values = {
+        "run.output_dir": str(tmp_path / "runs"),
+        "logging.wandb.mode": "disabled",
+        "train.max_steps": 6,
+        "train.max_epochs": None,
+        "train.log_every": 2,
+        "train.eval_every": 0,
+        "checkpoint.every_steps": 3,
+        "data.batch_size": 16,
+        "train.progress_bar": False,
+    }
+    values.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]

@@ -1,0 +1,117 @@
+"""Atomic, verified checkpoints: what resume picks, skips and refuses."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dist_train import checkpoint
+from dist_train.checkpoint import CheckpointError
+from dist_train.distributed import DistEnv
+
+ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def _state(step: int) -> dict:
+    model = torch.nn.Linear(3, 2)
+    return {"step": step, "model": model.state_dict(), "data": {"epoch": 0, "samples_consumed": step}}
+
+
+def _save(root, step, keep_last=10):
+    return checkpoint.save(root, step, _state(step), ENV, keep_last)
+
+
+def test_save_writes_manifest_and_loads_weights_only(tmp_path):
+    path = _save(tmp_path, 7)
+    assert path.name == "step_00000007"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 7 and set(manifest["files"]) == {"train_state.pt", "rng_rank0.pt"}
+    checkpoint.verify(path)
+    state = checkpoint.load_train_state(path)
+    assert state["step"] == 7 and state["data"]["samples_consumed"] == 7
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    for step in (1, 2, 3, 4):
+        checkpoint.save(tmp_path, step, _state(step), ENV, keep_last=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+
+
+def test_partial_directory_is_never_picked(tmp_path):
+    _save(tmp_path, 1)
+    partial = tmp_path / "step_00000002.partial"
+    partial.mkdir()
+    (partial / "train_state.pt").write_bytes(b"half")
+    assert checkpoint.latest_valid(tmp_path).name == "step_00000001"
+
+
+def test_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    blob = bytearray((newest / "train_state.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (newest / "train_state.pt").write_bytes(bytes(blob))
+    assert checkpoint.latest_valid(tmp_path).name == "step_00000001"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_00000002" in err[0] and "corrupted" in err[0]
+
+
+def test_truncated_and_manifestless_checkpoints_are_skipped(tmp_path):
+    _save(tmp_path, 1)
+    truncated = _save(tmp_path, 2)
+    data = (truncated / "train_state.pt").read_bytes()
+    (truncated / "train_state.pt").write_bytes(data[: len(data) // 3])
+    no_manifest = _save(tmp_path, 3)
+    (no_manifest / "manifest.json").unlink()
+    assert checkpoint.latest_valid(tmp_path).name == "step_00000001"
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = _save(tmp_path, 1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = checkpoint.FORMAT_VERSION + 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="format version"):
+        checkpoint.resolve_resume(str(path), tmp_path)
+
+
+def test_resume_modes(tmp_path):
+    assert checkpoint.resolve_resume("auto", tmp_path / "none_yet") is None
+    assert checkpoint.resolve_resume("never", tmp_path / "none_yet") is None
+    _save(tmp_path, 5)
+    assert checkpoint.resolve_resume("auto", tmp_path).name == "step_00000005"
+    with pytest.raises(CheckpointError, match="resume=never"):
+        checkpoint.resolve_resume("never", tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        checkpoint.resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_resaving_an_existing_step_replaces_it_whole(tmp_path):
+    _save(tmp_path, 3)
+    state = _state(3)
+    state["marker"] = 42
+    path = checkpoint.save(tmp_path, 3, state, ENV, keep_last=5)
+    assert checkpoint.load_train_state(path)["marker"] == 42
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+
+
+def test_model_mismatch_names_the_parameter_and_shapes(tmp_path):
+    state = torch.nn.Linear(3, 2).state_dict()
+    with pytest.raises(CheckpointError, match=r"weight has shape \(2, 3\) in the checkpoint, \(4, 3\) in the model"):
+        checkpoint.load_model_state(torch.nn.Linear(3, 4), state, tmp_path)
+    with pytest.raises(CheckpointError, match="bias is missing"):
+        checkpoint.load_model_state(torch.nn.Linear(3, 2), {"weight": state["weight"]}, tmp_path)
+
+
+def test_rng_state_round_trips_every_generator(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    path = _save(tmp_path, 1)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(checkpoint.load_rng_state(path, rank=0))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+    assert checkpoint.load_rng_state(path, rank=1) is None

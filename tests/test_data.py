@@ -1,0 +1,202 @@
+"""Datasets, the resumable sharded sampler and the checkpointable batch stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from dist_train.config import DataConfig
+from dist_train.data import (
+    DataError,
+    EvalShard,
+    ResumableDistributedSampler,
+    SeededAugment,
+    build_datasets,
+    build_pipeline,
+    total_steps,
+)
+from dist_train.distributed import DistEnv
+
+
+def _cpu_env(rank: int = 0, world: int = 1) -> DistEnv:
+    return DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
+
+
+def _indices(sampler) -> list[int]:
+    return [index for _, index in sampler]
+
+
+def test_shards_are_disjoint_equal_and_cover_whole_global_batches():
+    n, world, global_batch = 103, 4, 12  # 103 // 12 = 8 global batches = 96 samples per epoch
+    shards = [
+        _indices(ResumableDistributedSampler(n, world, r, seed=1, global_batch=global_batch)) for r in range(world)
+    ]
+    assert all(len(s) == 24 for s in shards)
+    flat = [i for s in shards for i in s]
+    assert len(set(flat)) == 96
+    # Together the ranks consume exactly the first 96 entries of the epoch's permutation.
+    permutation = ResumableDistributedSampler(n, world, 0, seed=1, global_batch=global_batch).permutation(0)
+    assert set(flat) == set(permutation[:96].tolist())
+
+
+def test_epochs_reshuffle_and_are_reproducible():
+    sampler = ResumableDistributedSampler(50, 1, 0, seed=3, global_batch=10)
+    sampler.set_epoch(0)
+    first = _indices(sampler)
+    sampler.set_epoch(1)
+    second = _indices(sampler)
+    assert first != second and sorted(first) != first
+    sampler.set_epoch(0)
+    assert _indices(sampler) == first
+    assert all(epoch == 0 for epoch, _ in sampler)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_resumed_position_yields_exactly_the_remaining_samples(world):
+    n, global_batch, consumed = 120, 6 * world, 4 * 6 * world
+    full, resumed = [], []
+    for rank in range(world):
+        sampler = ResumableDistributedSampler(n, world, rank, seed=0, global_batch=global_batch)
+        sampler.set_epoch(2)
+        full.append(_indices(sampler))
+        sampler.set_start(consumed)
+        resumed.append(_indices(sampler))
+        assert len(sampler) == len(resumed[-1])
+    seen_before = {i for shard in full for i in shard[: consumed // world]}
+    remaining = [i for shard in resumed for i in shard]
+    assert len(remaining) == len(set(remaining))
+    assert seen_before.isdisjoint(remaining)
+    assert seen_before | set(remaining) == {i for shard in full for i in shard}
+    for rank in range(world):
+        assert resumed[rank] == full[rank][consumed // world :]
+
+
+def test_set_start_rejects_positions_that_split_ranks():
+    sampler = ResumableDistributedSampler(40, 2, 0, seed=0, global_batch=8)
+    with pytest.raises(ValueError):
+        sampler.set_start(3)
+    with pytest.raises(ValueError):
+        sampler.set_start(48)
+
+
+def test_eval_shards_cover_every_sample_once():
+    shards = [list(EvalShard(11, 3, r)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(11))
+
+
+def test_train_batches_state_resumes_the_stream():
+    cfg = DataConfig(dataset="digits", batch_size=16)
+    pipe = build_pipeline(cfg, _cpu_env(), grad_accum_steps=2, seed=5)
+    assert pipe.global_batch == 32 and pipe.train.steps_per_epoch == 1438 // 32
+    for _ in range(10):
+        pipe.train.next_micro_batch()
+    state = pipe.train.state_dict()
+    assert state == {"epoch": 0, "samples_consumed": 160}
+    expected = [pipe.train.next_micro_batch() for _ in range(6)]
+
+    fresh = build_pipeline(cfg, _cpu_env(), grad_accum_steps=2, seed=5)
+    fresh.train.load_state_dict(state)
+    for (x, y), (ex, ey) in zip((fresh.train.next_micro_batch() for _ in range(6)), expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_epoch_rolls_over_after_whole_global_batches():
+    cfg = DataConfig(dataset="digits", batch_size=100)
+    pipe = build_pipeline(cfg, _cpu_env(), grad_accum_steps=1, seed=0)
+    for _ in range(pipe.train.steps_per_epoch):
+        pipe.train.next_micro_batch()
+    assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 0}
+
+
+def test_dataset_smaller_than_one_global_batch_is_an_error():
+    cfg = DataConfig(dataset="digits", batch_size=400)
+    with pytest.raises(DataError, match="fewer than one global batch of 1600"):
+        build_pipeline(cfg, _cpu_env(rank=0, world=2), grad_accum_steps=2, seed=0)
+
+
+def test_digits_split_is_fixed_and_complete():
+    a, b = build_datasets(DataConfig(dataset="digits")), build_datasets(DataConfig(dataset="digits"))
+    assert (len(a.train), len(a.val)) == (1438, 359)
+    assert torch.equal(a.val.tensors[1], b.val.tensors[1])
+    assert a.spec.input_shape == (1, 8, 8) and a.spec.num_classes == 10
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index():
+    data = build_datasets(DataConfig(dataset="digits"))
+    aug = SeededAugment(data.train, data.train_transform, seed=0)
+    state = torch.get_rng_state()
+    x1, _ = aug[(0, 7)]
+    assert torch.equal(torch.get_rng_state(), state), "augmentation must not disturb the global RNG"
+    assert torch.equal(aug[(0, 7)][0], x1)
+    variants = {aug[(epoch, 7)][0].flatten().tolist().__repr__() for epoch in range(20)}
+    assert len(variants) > 1, "different epochs must see different augmentations"
+    plain = build_datasets(DataConfig(dataset="digits", augment=False))
+    no_aug = SeededAugment(plain.train, plain.train_transform, seed=0)
+    assert torch.equal(no_aug[(0, 7)][0], no_aug[(5, 7)][0])
+
+
+def test_synthetic_dataset_shape():
+    data = build_datasets(
+        DataConfig(dataset="synthetic", synthetic_shape=[3, 16, 16], synthetic_size=64, synthetic_classes=5)
+    )
+    x, y = data.train[0]
+    assert x.shape == (3, 16, 16) and 0 <= int(y) < 5 and len(data.train) == 64
+
+
+def _write_images(folder, classes, per_class, size=(12, 10)):
+    for c, name in enumerate(classes):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", size, color=(40 * c, 10 * i, 0)).save(folder / name / f"{i}.png")
+
+
+def test_image_folder_with_and_without_val_folder(tmp_path):
+    _write_images(tmp_path / "flat", ["cat", "dog", "eel"], 5)
+    data = build_datasets(
+        DataConfig(dataset="image_folder", root=str(tmp_path / "flat"), image_size=16, val_fraction=0.2)
+    )
+    assert (len(data.train), len(data.val)) == (12, 3) and data.spec == data.spec.__class__((3, 16, 16), 3)
+    x, y = data.train_transform(data.train[0][0]), data.train[0][1]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y in (0, 1, 2)
+
+    _write_images(tmp_path / "split" / "train", ["a", "b"], 4)
+    _write_images(tmp_path / "split" / "val", ["a", "b"], 2)
+    data = build_datasets(DataConfig(dataset="image_folder", root=str(tmp_path / "split"), image_size=8))
+    assert (len(data.train), len(data.val)) == (8, 4)
+
+
+def test_image_folder_missing_or_empty_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_datasets(DataConfig(dataset="image_folder", root=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no usable images"):
+        build_datasets(DataConfig(dataset="image_folder", root=str(tmp_path / "empty")))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_torchvision_dataset_missing_offline_says_how_to_download(tmp_path, name):
+    with pytest.raises(DataError, match="data.download=true"):
+        build_datasets(DataConfig(dataset=name, root=str(tmp_path)))
+
+
+def test_total_steps_takes_the_first_limit():
+    assert total_steps(100, None, 44) == 100
+    assert total_steps(None, 3, 44) == 132
+    assert total_steps(100, 2, 44) == 88
+
+
+def test_worker_processes_do_not_change_the_batches():
+    # Per-sample seeding makes augmented batches identical with and without loader workers,
+    # also when the stream restarts mid-epoch on persistent workers.
+    def batches(num_workers: int, start_state=None, count=5):
+        cfg = DataConfig(dataset="digits", batch_size=16, num_workers=num_workers, augment=True)
+        pipe = build_pipeline(cfg, _cpu_env(), grad_accum_steps=1, seed=3)
+        if start_state:
+            pipe.train.load_state_dict(start_state)
+        return [pipe.train.next_micro_batch()[0] for _ in range(count)]
+
+    in_process = batches(0, {"epoch": 1, "samples_consumed": 64})
+    with_workers = batches(2, {"epoch": 1, "samples_consumed": 64})
+    for a, b in zip(in_process, with_workers, strict=True):
+        assert torch.equal(a, b)

@@ -1,0 +1,79 @@
+"""Optimizer parameter groups and LR schedules."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from dist_train.config import OptimConfig, ScheduleConfig
+from dist_train.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2), nn.LayerNorm(2))
+
+
+def test_weight_decay_skips_biases_and_norm_weights():
+    model = _model()
+    decay, no_decay = param_groups(model, 0.1)
+    named = dict(model.named_parameters())
+    assert {id(p) for p in decay["params"]} == {id(named["0.weight"]), id(named["3.weight"])}
+    assert len(no_decay["params"]) == len(named) - 2 and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "name, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
+def test_build_optimizer(name, cls):
+    opt = build_optimizer(OptimConfig(name=name, lr=0.01, weight_decay=0.05, nesterov=name == "sgd"), _model())
+    assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.01
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_warmup_then_cosine_to_min_ratio():
+    cfg = ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(cfg, 0, 110) == pytest.approx(0.1)
+    assert lr_multiplier(cfg, 9, 110) == pytest.approx(1.0)
+    assert lr_multiplier(cfg, 10, 110) == pytest.approx(1.0)
+    assert lr_multiplier(cfg, 60, 110) == pytest.approx(0.55)
+    assert lr_multiplier(cfg, 110, 110) == pytest.approx(0.1)
+
+
+def test_step_and_constant_schedules():
+    step = ScheduleConfig(name="step", warmup_steps=0, step_size=5, gamma=0.5)
+    assert [lr_multiplier(step, s, 100) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
+    assert lr_multiplier(ScheduleConfig(name="constant", warmup_steps=4), 1, 100) == pytest.approx(0.5)
+
+
+def test_onecycle_peaks_at_the_configured_lr():
+    opt = build_optimizer(OptimConfig(name="sgd", lr=0.4), _model())
+    sched = build_scheduler(ScheduleConfig(name="onecycle", warmup_steps=5), opt, 20)
+    lrs = []
+    for _ in range(20):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert max(lrs) == pytest.approx(0.4, rel=1e-3) and lrs.index(max(lrs)) == 3  # peak once warmup ends
+    assert lrs[-1] < 0.4 / 50
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle", "step", "constant"])
+def test_scheduler_state_survives_weights_only_load(name):
+    cfg = ScheduleConfig(name=name, warmup_steps=3)
+    opt = build_optimizer(OptimConfig(), _model())
+    sched = build_scheduler(cfg, opt, 50)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    buffer = io.BytesIO()
+    torch.save(sched.state_dict(), buffer)
+    buffer.seek(0)
+    opt2 = build_optimizer(OptimConfig(), _model())
+    sched2 = build_scheduler(cfg, opt2, 50)
+    sched2.load_state_dict(torch.load(buffer, weights_only=True))
+    opt.step(), sched.step(), opt2.step(), sched2.step()
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())

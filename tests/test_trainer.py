@@ -1,0 +1,161 @@
+"""The training loop, single-process: exact resume, accumulation equivalence, AMP, NaN handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from dist_train import checkpoint
+from dist_train.config import ConfigError, load_config
+from dist_train.optim import lr_multiplier
+from dist_train.trainer import NonFiniteLossError, train
+
+
+def _run(tmp_path, name="digits", **overrides):
+    cfg = load_config("configs/digits.yaml", tiny_overrides(tmp_path, **{"run.name": name, **overrides}))
+    return cfg, train(cfg)
+
+
+def _final_params(result):
+    return checkpoint.load_train_state(result.checkpoint)["model"]
+
+
+def _assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+
+
+def test_resume_is_bitwise_exact_mid_epoch_with_accumulation(tmp_path):
+    # 1,438 train samples / (16 x 2) = 44 steps per epoch: stopping at 30 is mid-epoch 0 and the
+    # run continues into epoch 1. Augmentation, momentum and a cosine schedule are all on.
+    common = {
+        "train.max_steps": 60,
+        "train.grad_accum_steps": 2,
+        "schedule.warmup_steps": 5,
+        "checkpoint.every_steps": 0,
+        "train.log_every": 7,
+        "data.augment": True,
+    }
+    _, straight = _run(tmp_path / "straight", **common)
+    _, first = _run(tmp_path / "split", **common, **{"train.stop_at_step": 30})
+    assert first.step == 30 and first.checkpoint.name == "step_00000030"
+    state = checkpoint.load_train_state(first.checkpoint)
+    assert state["data"] == {"epoch": 0, "samples_consumed": 30 * 32}
+    _, resumed = _run(tmp_path / "split", **common)
+    assert resumed.step == 60
+    _assert_bitwise_equal(_final_params(straight), _final_params(resumed))
+    straight_opt = checkpoint.load_train_state(straight.checkpoint)["optimizer"]["state"]
+    resumed_opt = checkpoint.load_train_state(resumed.checkpoint)["optimizer"]["state"]
+    for key in straight_opt:
+        assert torch.equal(straight_opt[key]["momentum_buffer"], resumed_opt[key]["momentum_buffer"])
+    assert straight.eval_metrics == resumed.eval_metrics
+
+
+def test_resume_from_explicit_checkpoint_path(tmp_path):
+    common = {"train.max_steps": 8, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5}
+    _, full = _run(tmp_path / "a", **common)
+    step4 = full.checkpoint.parent / "step_00000004"
+    # Rewind to step 4 under another run name: the end state must equal the uninterrupted run.
+    _, rewound = _run(tmp_path / "a", name="rewound", **common, **{"checkpoint.resume": str(step4)})
+    _assert_bitwise_equal(_final_params(full), _final_params(rewound))
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    common = {
+        "train.max_steps": 4,
+        "optim.name": "sgd",
+        "optim.momentum": 0.0,
+        "optim.nesterov": False,
+        "optim.lr": 0.5,
+        "schedule.name": "constant",
+    }
+    _, accumulated = _run(tmp_path / "acc", **common, **{"data.batch_size": 8, "train.grad_accum_steps": 4})
+    _, big = _run(tmp_path / "big", **common, **{"data.batch_size": 32, "train.grad_accum_steps": 1})
+    a, b = _final_params(accumulated), _final_params(big)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_scheduler_steps_once_per_optimizer_step(tmp_path):
+    cfg, _ = _run(
+        tmp_path,
+        **{
+            "train.max_steps": 12,
+            "train.grad_accum_steps": 3,
+            "schedule.name": "cosine",
+            "schedule.warmup_steps": 4,
+            "train.log_every": 1,
+            "optim.lr": 0.1,
+        },
+    )
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert sorted(lrs) == list(range(1, 13))
+    for step, lr in lrs.items():
+        # After `step` optimizer steps the scheduler has advanced exactly `step` times.
+        assert lr == pytest.approx(0.1 * lr_multiplier(cfg.schedule, step, 12))
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    _, result = _run(
+        tmp_path,
+        **{"train.precision": "bf16", "train.max_steps": 20, "train.eval_every": 0, "checkpoint.every_steps": 0},
+    )
+    params = _final_params(result)
+    assert all(t.dtype == torch.float32 for t in params.values())  # master weights stay fp32
+    assert 0 < result.eval_metrics["val_loss"] < 2.4
+
+
+def test_fp16_on_cpu_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.precision"):
+        _run(tmp_path, **{"train.precision": "fp16"})
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # An absurd learning rate blows the weights up within a few steps.
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+") as err:
+        _run(
+            tmp_path,
+            **{
+                "optim.lr": 1e30,
+                "schedule.name": "constant",
+                "train.max_steps": 30,
+                "checkpoint.every_steps": 1,
+                "train.log_every": 30,
+            },
+        )
+    bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    saved = checkpoint.list_checkpoints(tmp_path / "runs" / "digits" / "checkpoints")
+    assert saved, "the checkpoints before the NaN must be kept"
+    newest = int(saved[-1].name.split("_")[1])
+    assert newest == bad_step - 1
+    for path in saved:
+        params = checkpoint.load_train_state(path)["model"]
+        assert all(torch.isfinite(t).all() for t in params.values())
+
+
+def test_default_config_reaches_high_accuracy_quickly(tmp_path):
+    # A shortened default job: 8 epochs already clear 90% validation accuracy on digits.
+    cfg = load_config(
+        "configs/digits.yaml",
+        [f"run.output_dir={tmp_path}", "logging.wandb.mode=disabled", "train.max_epochs=8", "train.progress_bar=false"],
+    )
+    result = train(cfg)
+    assert result.eval_metrics["val_acc"] >= 0.9
+
+
+def test_user_model_factory(tmp_path):
+    _, result = _run(tmp_path, **{"model.name": "user_models:tiny_linear", "model.kwargs": "{bias: false}"})
+    params = _final_params(result)
+    assert list(params) == ["1.weight"]
