@@ -1,0 +1,24 @@
+# Two commands do all set-up (each creates or reuses .venv):
+#   make train   install, then train the default digits job
+#   make test    install, then lint and run the test suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: train test install
+
+install: $(VENV)/.installed
+
+# Re-install whenever the dependencies in pyproject.toml change.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+train: install
+	$(BIN)/dist-train train configs/digits.yaml $(ARGS)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
