@@ -61,3 +61,16 @@ def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total
         return lr_multiplier(cfg, step, total_steps)
 
     return LambdaLR(optimizer, multiplier)
+
+
+def load_scheduler_position(scheduler: LRScheduler, saved: dict) -> None:
+    """Restore where the schedule stands, not its shape.
+
+    Every schedule here is a pure function of the step count and the config, so only the
+    position is taken from the checkpoint. That lets a resumed run change train.max_steps
+    (OneCycleLR's saved state would otherwise keep its old total and fail past it).
+    """
+    state = scheduler.state_dict()
+    for key in ("last_epoch", "_step_count", "_last_lr"):
+        state[key] = saved[key]
+    scheduler.load_state_dict(state)

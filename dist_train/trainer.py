@@ -31,7 +31,7 @@ from dist_train.distributed import (
 )
 from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.models import build_model
-from dist_train.optim import build_optimizer, build_scheduler
+from dist_train.optim import build_optimizer, build_scheduler, load_scheduler_position
 from dist_train.parallel import build_strategy
 
 
@@ -79,7 +79,7 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         state = checkpoint.load_train_state(resume_from)
         checkpoint.load_model_state(strategy.unwrap(model), state["model"], resume_from)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_position(scheduler, state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         data.train.load_state_dict(state["data"])
         start_step, wandb_run_id = state["step"], state["wandb_run_id"]

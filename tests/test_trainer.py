@@ -71,6 +71,16 @@ def test_resume_from_explicit_checkpoint_path(tmp_path):
     _assert_bitwise_equal(_final_params(full), _final_params(rewound))
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
+def test_resume_may_extend_max_steps(tmp_path, schedule):
+    common = {"schedule.name": schedule, "schedule.warmup_steps": 2, "checkpoint.every_steps": 0}
+    _run(tmp_path, **common, **{"train.max_steps": 6})
+    cfg, extended = _run(tmp_path, **common, **{"train.max_steps": 10, "train.log_every": 1})
+    assert extended.step == 10
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "lr" in r] == [2, 4, 6, 7, 8, 9, 10]
+
+
 def test_accumulation_equals_one_big_batch(tmp_path):
     common = {
         "train.max_steps": 4,
