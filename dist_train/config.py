@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,11 +152,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     values: dict[str, Any] = {}
     if path is not None:
         values = _read_yaml(Path(path))
+    hints = _leaf_hints()
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(values, key.strip(), _parse_override_value(raw))
+        if not _is_settable(key, hints):
+            raise _unknown_key(key)
+        value = _parse_override_value(raw)
+        if hints.get(key) in (str, str | None) and not isinstance(value, (list, dict)) and value is not None:
+            value = raw  # a string field takes the text as typed: run.name=0123 must not become 83
+        _set_dotted(values, key, value)
     cfg = _build(Config, values, prefix="")
     validate(cfg)
     return cfg
@@ -166,6 +174,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         loaded = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text (UTF-8) YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -194,7 +204,36 @@ def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[: depth + 1])} is not a section, cannot set {key}")
         node = child
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        _merge(node[parts[-1]], value)  # `optim={lr: 0.2}` changes lr, keeps the file's other keys
+    else:
+        node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _leaf_hints(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key (sections too) mapped to its type hint."""
+    hints: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        hints[prefix + name] = hint
+        if dataclasses.is_dataclass(hint):
+            hints.update(_leaf_hints(hint, prefix + name + "."))
+    return hints
+
+
+def _is_settable(key: str, hints: dict[str, Any]) -> bool:
+    """A schema key, or a key inside a free-form mapping field such as model.kwargs.depth."""
+    if key in hints:
+        return True
+    parts = key.split(".")
+    return any(get_origin(hints.get(".".join(parts[:i]))) is dict for i in range(1, len(parts)))
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -266,8 +305,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if isinstance(value, bool) or value is None or isinstance(value, (dict, list)):
@@ -289,6 +328,8 @@ def validate(cfg: Config) -> None:
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"{key} {message}")
+
+    require(0 <= cfg.run.seed < 2**31, "run.seed", f"must be in [0, 2**31), got {cfg.run.seed}")
 
     require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
     require(

@@ -222,7 +222,7 @@ class SeededAugment(Dataset):
         # put the caller's state back (torch.random.fork_rng costs 100x more per sample).
         generator = torch.default_generator
         saved = generator.get_state()
-        generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        generator.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
         try:
             return self.transform(x), y
         finally:
