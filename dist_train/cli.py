@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = LaunchOptions(
                 args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.max_restarts
             )
-            return launch(args.config, args.overrides, opts, cfg.train.precision)
+            return launch(cfg, args.config, args.overrides, opts)
         from dist_train.trainer import train
 
         train(cfg)

@@ -8,6 +8,7 @@ typo never silently becomes a default.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import types
@@ -161,8 +162,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not _is_settable(key, hints):
             raise _unknown_key(key)
         value = _parse_override_value(raw)
-        if hints.get(key) in (str, str | None) and not isinstance(value, (list, dict)) and value is not None:
-            value = raw  # a string field takes the text as typed: run.name=0123 must not become 83
+        if hints.get(key) in (str, str | None) and isinstance(value, (int, float, bool, datetime.date)):
+            value = raw.strip()  # a string field takes the text as typed: run.name=0123 must not become 83
         _set_dotted(values, key, value)
     cfg = _build(Config, values, prefix="")
     validate(cfg)
@@ -246,12 +247,22 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return ConfigError(f"unknown config key {key}{hint}")
+    keys = all_keys()
+    by_lower = {k.lower(): k for k in keys}
+    close = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.5)
+    leaf = key.rsplit(".", 1)[-1].lower()
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1].lower() == leaf]
+    # train.lr is closer to "train" as text, but the user meant the lr that lives in optim.
+    suggestion = same_leaf[0] if len(same_leaf) == 1 and (not close or "." not in by_lower[close[0]]) else None
+    suggestion = suggestion or (by_lower[close[0]] if close else None)
+    hint = f"; did you mean {suggestion}?" if suggestion else ""
+    shown = " ".join(key.split())  # a YAML key may hold a newline; the error stays one line
+    return ConfigError(f"unknown config key {shown}{hint}")
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        values = {}  # a section whose keys are all commented out
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.')} must be a section (mapping), got {values!r}")
     hints = typing.get_type_hints(cls)

@@ -1,20 +1,21 @@
 """`dist-train launch`: build the torchrun command that starts the workers, print it, run it.
 
-torchrun does all process management (spawn, rendezvous, restarts); this module only turns our
-flags into its flags, so `launch` never behaves differently from the command it prints.
+torchrun does all process management (spawn, rendezvous, restarts, signals); this module only
+turns our flags into its flags and runs torchrun's own entry point with them, so `launch`
+never behaves differently from the command it prints.
 """
 
 from __future__ import annotations
 
 import shlex
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from dist_train.config import UserError
+from dist_train import checkpoint
+from dist_train.config import Config, UserError
+from dist_train.parallel import check_world_size
 
 
 @dataclass
@@ -72,19 +73,28 @@ def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions
     return cmd + ["-m", "dist_train.cli", "train", config_path, *overrides]
 
 
-def launch(config_path: str, overrides: list[str], opts: LaunchOptions, precision: str = "fp32") -> int:
-    if precision == "fp16" and not torch.cuda.is_available():
+def preflight(cfg: Config, world_size: int) -> None:
+    """Mistakes the workers would hit on their first line, caught before any worker starts."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); use bf16 on CPU")
+    check_world_size(cfg.parallel.strategy, world_size)
+    if cfg.checkpoint.resume not in ("auto",):
+        checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
+
+
+def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOptions) -> int:
     cmd = torchrun_command(config_path, overrides, opts)
+    preflight(cfg, resolve_nproc(opts.nproc_per_node) * opts.nnodes)
     print("+ " + shlex.join(cmd), flush=True)
-    torchrun = subprocess.Popen(cmd)
-    # A scheduler's SIGTERM reaches only this process: pass it on so torchrun stops the workers
-    # cleanly instead of leaving them orphaned.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: torchrun.send_signal(signum))
-    while True:
-        try:
-            return torchrun.wait()
-        except KeyboardInterrupt:
-            # Ctrl-C went to the whole process group, torchrun included: wait for its shutdown.
-            continue
+    # torchrun's own entry point, in this process: the same behaviour as the printed command
+    # (signals, restarts, rendezvous), but a failed worker ends in one line, not a traceback.
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(cmd[3:]))
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        print(f"error: worker rank {rank} exited with code {failure.exitcode}; its message is above", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

@@ -51,12 +51,16 @@ class DDP:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def build_strategy(cfg: ParallelConfig, env: DistEnv) -> SingleProcess | DDP:
-    if cfg.strategy == "ddp":
-        return DDP(env, cfg.bucket_cap_mb)
-    if env.world_size > 1:
+def check_world_size(strategy: str, world_size: int) -> None:
+    if strategy == "none" and world_size > 1:
         raise ConfigError(
-            f"parallel.strategy=none cannot train with {env.world_size} processes "
+            f"parallel.strategy=none cannot train with {world_size} processes "
             "(each would train its own model); use parallel.strategy=ddp"
         )
+
+
+def build_strategy(cfg: ParallelConfig, env: DistEnv) -> SingleProcess | DDP:
+    check_world_size(cfg.strategy, env.world_size)
+    if cfg.strategy == "ddp":
+        return DDP(env, cfg.bucket_cap_mb)
     return SingleProcess()

@@ -62,6 +62,8 @@ def train(cfg: Config) -> TrainResult:
 def _train(cfg: Config, env: DistEnv) -> TrainResult:
     strategy = build_strategy(cfg.parallel, env)
     autocast(cfg.train.precision, env.device)  # fails fast on fp16 without a GPU
+    run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    resume_from = _on_rank0(env, lambda: checkpoint.resolve_resume(cfg.checkpoint.resume, checkpoint_root))
 
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
     data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
@@ -72,8 +74,6 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout) from here on
 
-    run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
-    resume_from = _on_rank0(env, lambda: checkpoint.resolve_resume(cfg.checkpoint.resume, checkpoint_root))
     start_step, wandb_run_id = 0, new_wandb_run_id()
     if resume_from is not None:
         state = checkpoint.load_train_state(resume_from)
@@ -88,8 +88,8 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             checkpoint.set_rng_state(rng)
     wandb_run_id = broadcast_object(wandb_run_id)
 
+    _on_rank0(env, lambda: _make_dir(run_dir))  # only now: a failed start leaves nothing behind
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     logger = RunLogger(cfg, run_dir, env.is_main, wandb_run_id, start_step, last_step)
     try:
@@ -118,6 +118,13 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         return _fit(cfg, env, model, strategy, optimizer, scheduler, scaler, data, logger, save, start_step, last_step)
     finally:
         logger.close()
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run directory {path} (run.output_dir/run.name): {exc.strerror}") from None
 
 
 def _on_rank0(env: DistEnv, decide):
@@ -166,7 +173,9 @@ def _fit(
     def raise_if_nonfinite() -> None:
         bad = all_reduce_min(first_bad_step.clone()).item()
         if bad <= last_step:
-            raise NonFiniteLossError(f"loss became NaN/Inf at step {bad}; stopping (the last checkpoint is kept)")
+            raise NonFiniteLossError(
+                f"loss became NaN/Inf at step {bad}; stopping (checkpoints written before it are kept)"
+            )
 
     model.train()
     for step in range(start_step + 1, end_step + 1):

@@ -44,8 +44,12 @@ def _launch(root: Path, max_steps: int) -> Launch:
     proc = run_cli(*LAUNCH, *tiny_overrides(root, **JOB, **{"train.max_steps": max_steps}), cwd=REPO)
     run_dir = root / "runs" / "digits"
     metrics = run_dir / "metrics.jsonl"
-    return Launch(proc, run_dir, metrics.read_text() if metrics.is_file() else "",
-                  sorted((run_dir / "wandb").glob("offline-run-*")))
+    return Launch(
+        proc,
+        run_dir,
+        metrics.read_text() if metrics.is_file() else "",
+        sorted((run_dir / "wandb").glob("offline-run-*")),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +169,9 @@ WRITE_BIG_RUN = textwrap.dedent("""
 def test_offline_reader_reassembles_records_across_blocks(tmp_path):
     # The job's run files stay inside the first 32 KiB block; this one has records that straddle
     # block boundaries and 70 KB records split into first/middle/last fragments.
-    proc = subprocess.run([sys.executable, "-c", WRITE_BIG_RUN], cwd=tmp_path, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", WRITE_BIG_RUN], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     (path,) = tmp_path.glob("wandb/offline-run-*/run-bigrun0042.wandb")
     assert path.stat().st_size > 10 * 32 * 1024

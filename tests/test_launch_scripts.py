@@ -22,10 +22,24 @@ def test_two_node_agents_train_one_job(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"parallel.strategy": "ddp", "train.max_steps": 4})
     procs = []
     for node_rank in (0, 1):
-        env = cli_env() | {"PYTHON": sys.executable, "NNODES": "2", "NODE_RANK": str(node_rank), "NPROC": "1",
-                           "RDZV_ENDPOINT": f"127.0.0.1:{port}", "RDZV_ID": f"test{port}"}
-        procs.append(subprocess.Popen(["bash", "launch/multi_node.sh", "configs/digits.yaml", *overrides], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = cli_env() | {
+            "PYTHON": sys.executable,
+            "NNODES": "2",
+            "NODE_RANK": str(node_rank),
+            "NPROC": "1",
+            "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+            "RDZV_ID": f"test{port}",
+        }
+        procs.append(
+            subprocess.Popen(
+                ["bash", "launch/multi_node.sh", "configs/digits.yaml", *overrides],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "--nnodes=2" in outputs[0] and "--node-rank=1" in outputs[1]
@@ -37,8 +51,9 @@ def test_two_node_agents_train_one_job(tmp_path):
 
 
 def test_scripts_explain_their_usage():
-    proc = subprocess.run(["bash", "launch/multi_node.sh", "configs/digits.yaml"], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", "launch/multi_node.sh", "configs/digits.yaml"], cwd=REPO, env=cli_env(), capture_output=True, text=True
+    )
     assert proc.returncode != 0 and "NNODES" in proc.stderr
     proc = subprocess.run(["bash", "launch/single_node.sh"], cwd=REPO, env=cli_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr

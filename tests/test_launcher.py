@@ -1,0 +1,284 @@
+"""`dist-train launch`: the torchrun command it builds (in-process, no workers) and one real tiny launch."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import pytest
+import torch
+from conftest import REPO, run_cli, tiny_overrides
+from torch.distributed.run import get_args_parser
+
+from dist_train import checkpoint, launcher
+from dist_train.config import UserError, load_config
+from dist_train.launcher import LaunchOptions, resolve_nproc, torchrun_command
+
+CONFIG = "configs/digits.yaml"
+OVERRIDES = ["optim.lr=0.05", "run.name=my run", "optim.betas=[0.9, 0.99]", "train.max_steps=7"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def _torchrun_args(cmd: list[str]):
+    """Parse a built command with the installed torchrun's own parser: every flag must be one it knows."""
+    assert cmd[:3] == TORCHRUN
+    return get_args_parser().parse_args(cmd[3:])
+
+
+# --------------------------------------------------------------------------- resolve_nproc
+
+
+def test_auto_is_one_on_a_cpu_machine(no_gpu):
+    assert resolve_nproc("auto") == 1
+
+
+def test_auto_on_this_machine():
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert resolve_nproc("auto") == max(gpus, 1)
+
+
+def test_auto_is_the_visible_gpus(two_gpus):
+    assert resolve_nproc("auto") == 2
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("2", 2), ("8", 8), (" 3 ", 3)])
+def test_numbers_on_cpu(no_gpu, value, expected):
+    assert resolve_nproc(value) == expected  # CPU workers are not capped by a GPU count
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "", "2.0", "auto2", "AUTO"])
+def test_bad_nproc(no_gpu, value):
+    with pytest.raises(UserError) as info:
+        resolve_nproc(value)
+    message = str(info.value)
+    assert "--nproc-per-node" in message and len(message.splitlines()) == 1
+
+
+def test_more_workers_than_gpus(two_gpus):
+    assert resolve_nproc("2") == 2
+    with pytest.raises(UserError, match="--nproc-per-node 3 is more than the 2 GPUs"):
+        resolve_nproc("3")
+
+
+# --------------------------------------------------------------------------- torchrun_command
+
+
+def test_single_node_command(no_gpu):
+    cmd = torchrun_command(CONFIG, OVERRIDES, LaunchOptions(nproc_per_node="2"))
+    assert cmd[:3] == TORCHRUN
+    assert "--nproc-per-node=2" in cmd
+    assert "--nnodes=1" in cmd
+    assert "--max-restarts=0" in cmd
+    assert "--standalone" in cmd
+    assert not any(arg.startswith(("--rdzv", "--node-rank")) for arg in cmd)
+    assert cmd[-(4 + len(OVERRIDES)) :] == ["-m", "dist_train.cli", "train", CONFIG, *OVERRIDES]
+    args = _torchrun_args(cmd)
+    assert args.standalone and args.nproc_per_node == "2" and args.nnodes == "1" and args.max_restarts == 0
+    assert args.module and args.training_script == "dist_train.cli"
+    assert args.training_script_args == ["train", CONFIG, *OVERRIDES]
+
+
+def test_default_options_use_auto(no_gpu):
+    opts = LaunchOptions()
+    assert (opts.nproc_per_node, opts.nnodes, opts.node_rank, opts.max_restarts) == ("auto", 1, 0, 0)
+    cmd = torchrun_command(CONFIG, [], opts)
+    assert "--nproc-per-node=1" in cmd
+    assert cmd[-4:] == ["-m", "dist_train.cli", "train", CONFIG]
+
+
+def test_multi_node_command(no_gpu):
+    opts = LaunchOptions(
+        nproc_per_node="2", nnodes=3, node_rank=2, rdzv_endpoint="10.0.0.1:29500", rdzv_id="job7", max_restarts=4
+    )
+    cmd = torchrun_command(CONFIG, OVERRIDES, opts)
+    assert cmd[:3] == TORCHRUN
+    for flag in (
+        "--nproc-per-node=2",
+        "--nnodes=3",
+        "--max-restarts=4",
+        "--node-rank=2",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=10.0.0.1:29500",
+        "--rdzv-id=job7",
+    ):
+        assert flag in cmd
+    assert "--standalone" not in cmd
+    assert cmd[-(4 + len(OVERRIDES)) :] == ["-m", "dist_train.cli", "train", CONFIG, *OVERRIDES]
+    args = _torchrun_args(cmd)
+    assert not args.standalone
+    assert (args.nnodes, args.node_rank, args.rdzv_backend) == ("3", 2, "c10d")
+    assert (args.rdzv_endpoint, args.rdzv_id, args.max_restarts) == ("10.0.0.1:29500", "job7", 4)
+    assert args.training_script_args == ["train", CONFIG, *OVERRIDES]
+
+
+def test_one_node_with_an_endpoint_uses_the_rendezvous(no_gpu):
+    cmd = torchrun_command(CONFIG, [], LaunchOptions(nproc_per_node="1", rdzv_endpoint="127.0.0.1:29400"))
+    assert "--standalone" not in cmd
+    assert "--rdzv-endpoint=127.0.0.1:29400" in cmd and "--node-rank=0" in cmd and "--rdzv-id=dist_train" in cmd
+    _torchrun_args(cmd)
+
+
+def test_torchrun_flags_come_before_the_module(no_gpu):
+    opts = LaunchOptions(nproc_per_node="1", nnodes=2, node_rank=1, rdzv_endpoint="h:1")
+    cmd = torchrun_command(CONFIG, ["--weird=1"], opts)
+    module_at = cmd.index("dist_train.cli")
+    assert cmd[module_at - 1] == "-m"
+    assert all(arg.startswith("--") for arg in cmd[3 : module_at - 1])
+    assert cmd[module_at + 1 :] == ["train", CONFIG, "--weird=1"]  # overrides are passed through untouched
+
+
+def test_overrides_keep_their_order(no_gpu):
+    overrides = [f"k{i}=v{i}" for i in range(10)][::-1]
+    cmd = torchrun_command(CONFIG, overrides, LaunchOptions(nproc_per_node="1"))
+    assert cmd[-10:] == overrides
+
+
+@pytest.mark.parametrize(
+    "opts, needle",
+    [
+        (LaunchOptions(nproc_per_node="0"), "--nproc-per-node"),
+        (LaunchOptions(nproc_per_node="abc"), "--nproc-per-node"),
+        (LaunchOptions(nproc_per_node="1", nnodes=2), "--rdzv-endpoint"),
+        (LaunchOptions(nproc_per_node="1", nnodes=0), "--nnodes"),
+        (LaunchOptions(nproc_per_node="1", nnodes=2, node_rank=2, rdzv_endpoint="h:1"), "--node-rank"),
+        (LaunchOptions(nproc_per_node="1", nnodes=2, node_rank=5, rdzv_endpoint="h:1"), "--node-rank"),
+        (LaunchOptions(nproc_per_node="1", node_rank=1), "--node-rank"),
+        (LaunchOptions(nproc_per_node="1", node_rank=-1), "--node-rank"),
+        (LaunchOptions(nproc_per_node="1", max_restarts=-1), "--max-restarts"),
+    ],
+    ids=[
+        "nproc-0",
+        "nproc-abc",
+        "no-endpoint",
+        "nnodes-0",
+        "rank-eq-nnodes",
+        "rank-gt",
+        "rank-1-of-1",
+        "rank-neg",
+        "restarts-neg",
+    ],
+)
+def test_bad_options(no_gpu, opts, needle):
+    with pytest.raises(UserError) as info:
+        torchrun_command(CONFIG, [], opts)
+    message = str(info.value)
+    assert needle in message and len(message.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- launch() without starting workers
+
+
+@pytest.fixture
+def fake_torchrun(monkeypatch):
+    """Replaces torchrun's entry point; records the parsed arguments it would have run with."""
+    import torch.distributed.run as torchrun
+
+    started: list = []
+    monkeypatch.setattr(torchrun, "run", lambda args: started.append(args))
+    return started
+
+
+def _cfg(*overrides: str):
+    return load_config(CONFIG, list(overrides))
+
+
+def test_launch_prints_and_runs_the_command(no_gpu, fake_torchrun, capsys):
+    opts = LaunchOptions(nproc_per_node="2")
+    assert launcher.launch(_cfg(*OVERRIDES), CONFIG, OVERRIDES, opts) == 0
+    expected = torchrun_command(CONFIG, OVERRIDES, opts)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("+ ")
+    assert shlex.split(out[0][2:]) == expected
+    (args,) = fake_torchrun  # torchrun got exactly the printed arguments
+    assert args.nproc_per_node == "2" and args.standalone and args.module
+    assert [args.training_script, *args.training_script_args] == ["dist_train.cli", "train", CONFIG, *OVERRIDES]
+
+
+def test_launch_passes_on_the_failed_worker_exit_code(no_gpu, monkeypatch, capsys):
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failing_run(args):
+        failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file="/nonexistent")
+        raise ChildFailedError("dist_train.cli", {1: failure, 0: failure})
+
+    monkeypatch.setattr(torchrun, "run", failing_run)
+    assert launcher.launch(_cfg(), CONFIG, [], LaunchOptions(nproc_per_node="1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: worker rank 0 exited with code 2; its message is above"]
+
+
+def test_launch_refuses_fp16_without_gpu(no_gpu, fake_torchrun):
+    with pytest.raises(UserError, match="train.precision"):
+        launcher.launch(_cfg("train.precision=fp16"), CONFIG, [], LaunchOptions(nproc_per_node="1"))
+    assert fake_torchrun == []  # refused before torchrun was started
+
+
+def test_launch_checks_options_before_starting(no_gpu, fake_torchrun):
+    with pytest.raises(UserError):
+        launcher.launch(_cfg(), CONFIG, [], LaunchOptions(nproc_per_node="1", nnodes=2))
+    with pytest.raises(UserError, match="parallel.strategy=none"):
+        launcher.launch(_cfg("parallel.strategy=none"), CONFIG, [], LaunchOptions(nproc_per_node="2"))
+    assert fake_torchrun == []
+
+
+# --------------------------------------------------------------------------- real torchrun
+
+
+def test_launch_one_worker_tiny_run(tmp_path):
+    overrides = tiny_overrides(tmp_path)
+    proc = run_cli("launch", CONFIG, "--nproc-per-node", "1", *overrides, cwd=REPO, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    plus = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    assert len(plus) == 1, proc.stdout
+    printed = shlex.split(plus[0][2:])
+    assert printed[1:3] == ["-m", "torch.distributed.run"]
+    assert "--nproc-per-node=1" in printed and "--standalone" in printed
+    assert printed[-(4 + len(overrides)) :] == ["-m", "dist_train.cli", "train", CONFIG, *overrides]
+    assert "training 6 steps of global batch 16 (1 x 16 x 1 accumulation)" in proc.stdout
+    saved = checkpoint.latest_valid(tmp_path / "runs" / "digits" / "checkpoints")
+    assert saved is not None and saved.name == "step_00000006"
+    assert (tmp_path / "runs" / "digits" / "metrics.jsonl").is_file()
+
+
+def test_launch_worker_side_mistake_is_one_line(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"checkpoint.resume": "/does/not/exist"})
+    proc = run_cli("launch", CONFIG, "--nproc-per-node", "1", *overrides, cwd=REPO, timeout=240)
+    output = f"rc={proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert not (tmp_path / "runs").exists(), output
+    assert proc.returncode == 2, output
+    assert "Traceback" not in proc.stderr, output
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error"), output
+    assert "checkpoint.resume" in lines[0] and "/does/not/exist" in lines[0], output
+
+
+def test_launch_mistake_only_a_worker_sees_has_no_traceback(tmp_path):
+    # Only a worker knows the dataset size: its one-line error, then launch's, and the worker's exit code.
+    proc = run_cli(
+        "launch",
+        CONFIG,
+        "--nproc-per-node",
+        "1",
+        *tiny_overrides(tmp_path, **{"data.batch_size": 2000}),
+        cwd=REPO,
+        timeout=240,
+    )
+    output = f"rc={proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 2, output
+    assert "Traceback" not in proc.stderr, output
+    assert "fewer than one global batch" in proc.stderr, output
+    assert proc.stderr.strip().splitlines()[-1] == "error: worker rank 0 exited with code 2; its message is above"
