@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_train.config import UserError
+from dist_train.config import Config, UserError, to_dict
 from dist_train.distributed import DistEnv, barrier
 
 FORMAT_VERSION = 1
@@ -49,7 +49,8 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own GPU only: a resume on a node with another GPU count still loads it.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -59,7 +60,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # --------------------------------------------------------------------------- save
@@ -103,6 +104,8 @@ def save(checkpoint_root: Path, step: int, train_state: dict[str, Any], env: Dis
         if final.exists():
             # Only when training was restarted from an older checkpoint: the new one wins.
             stale = final.with_name(final.name + ".stale")
+            if stale.exists():
+                shutil.rmtree(stale)  # left by a crash between the two renames below
             os.replace(final, stale)
             os.replace(partial, final)
             shutil.rmtree(stale)
@@ -195,11 +198,50 @@ def load_train_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path / TRAIN_STATE}: {exc}") from None
 
 
-def load_rng_state(path: Path, rank: int) -> dict[str, Any] | None:
+def load_rng_state(path: Path, rank: int) -> dict[str, Any]:
     file = path / f"rng_rank{rank}.pt"
     if not file.is_file():
-        return None
+        raise CheckpointError(f"checkpoint {path} has no RNG state for rank {rank}")
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+# What must not change between the run that wrote a checkpoint and the run resuming it.
+RESUME_INVARIANTS = ("data.dataset", "data.batch_size", "train.grad_accum_steps", "model.name", "optim.name")
+
+
+def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> None:
+    """One-line errors for a resume that could not continue the same run exactly."""
+    if state["world_size"] != world_size:
+        raise CheckpointError(
+            f"checkpoint {source} was written by {state['world_size']} processes, this run has {world_size}; "
+            f"resume with the same number of processes"
+        )
+    saved, current = state["config"], to_dict(cfg)
+    for key in RESUME_INVARIANTS:
+        section, name = key.split(".")
+        if saved[section][name] != current[section][name]:
+            raise CheckpointError(
+                f"checkpoint {source} was written with {key}={saved[section][name]}, this run has "
+                f"{current[section][name]}; keep it or start a new run.name"
+            )
+    if (saved["train"]["precision"] == "fp16") != (cfg.train.precision == "fp16"):
+        raise CheckpointError(
+            f"checkpoint {source} was written with train.precision={saved['train']['precision']}, this run has "
+            f"{cfg.train.precision}; switching to or from fp16 loses the loss-scaler state"
+        )
+
+
+def set_aside_newer(checkpoint_root: Path, step: int) -> list[Path]:
+    """Rename checkpoints newer than `step` to step_N.abandoned[.K]; returns the new paths."""
+    moved = []
+    for path in list_checkpoints(checkpoint_root):
+        if int(STEP_DIR.match(path.name).group(1)) > step:
+            target, k = path.with_name(path.name + ".abandoned"), 1
+            while target.exists():
+                target, k = path.with_name(f"{path.name}.abandoned.{k}"), k + 1
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -87,6 +87,13 @@ def all_agree(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(value).item() > 0)
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics)."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=src)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

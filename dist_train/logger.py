@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from dist_train.config import Config, to_dict
+from dist_train.config import Config, UserError, to_dict
 
 
 def new_wandb_run_id() -> str:
@@ -31,22 +31,29 @@ class RunLogger:
         self.progress = None
         if not enabled:
             return
-        if resumed_step:
-            _drop_lines_after(self.metrics_path, resumed_step)
+        # Steps past the resume point (or everything, on a fresh start) will be trained again.
+        _drop_lines_after(self.metrics_path, resumed_step)
         if cfg.logging.wandb.mode != "disabled":
             import wandb
 
-            self.wandb_run = wandb.init(
-                project=cfg.logging.wandb.project,
-                entity=cfg.logging.wandb.entity,
-                name=cfg.run.name,
-                id=wandb_run_id,
-                resume="allow",
-                dir=str(run_dir),
-                mode=cfg.logging.wandb.mode,
-                config=to_dict(cfg),
-                tags=cfg.logging.wandb.tags,
-            )
+            try:
+                self.wandb_run = wandb.init(
+                    project=cfg.logging.wandb.project,
+                    entity=cfg.logging.wandb.entity,
+                    name=cfg.run.name,
+                    id=wandb_run_id,
+                    resume="allow",
+                    dir=str(run_dir),
+                    mode=cfg.logging.wandb.mode,
+                    config=to_dict(cfg),
+                    tags=cfg.logging.wandb.tags,
+                )
+            except Exception as exc:  # e.g. online mode without `wandb login`
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(
+                    f"W&B could not start a run (logging.wandb.mode={cfg.logging.wandb.mode}): {first_line}; "
+                    "use logging.wandb.mode=offline to log without an account"
+                ) from None
         if cfg.train.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -74,11 +81,11 @@ class RunLogger:
         else:
             print(text, flush=True)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if self.progress is not None:
             self.progress.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)  # a failed run shows as failed in W&B
             self.wandb_run = None
 
 
@@ -92,7 +99,14 @@ def _drop_lines_after(path: Path, step: int) -> None:
     """On resume, forget metrics of steps that will be trained again, so each step appears once."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash mid-write
+        if record.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -8,6 +8,7 @@ read only every `train.log_every` steps and before a checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from dist_train.distributed import (
     DistEnv,
     all_reduce_min,
     all_reduce_sum,
+    broadcast_buffers,
     broadcast_object,
     process_group,
     seed_everything,
@@ -63,7 +65,10 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     strategy = build_strategy(cfg.parallel, env)
     autocast(cfg.train.precision, env.device)  # fails fast on fp16 without a GPU
     run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
-    resume_from = _on_rank0(env, lambda: checkpoint.resolve_resume(cfg.checkpoint.resume, checkpoint_root))
+    resume_mode = cfg.checkpoint.resume
+    if resume_mode == "never" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume_mode = "auto"  # torchrun restarted this very run after a failure: continue it
+    resume_from = _on_rank0(env, lambda: checkpoint.resolve_resume(resume_mode, checkpoint_root))
 
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
     data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
@@ -77,21 +82,27 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     start_step, wandb_run_id = 0, new_wandb_run_id()
     if resume_from is not None:
         state = checkpoint.load_train_state(resume_from)
+        checkpoint.check_compatible(state, cfg, env.world_size, resume_from)
         checkpoint.load_model_state(strategy.unwrap(model), state["model"], resume_from)
         optimizer.load_state_dict(state["optimizer"])
         load_scheduler_position(scheduler, state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         data.train.load_state_dict(state["data"])
         start_step, wandb_run_id = state["step"], state["wandb_run_id"]
-        rng = checkpoint.load_rng_state(resume_from, env.rank)
-        if rng is not None:
-            checkpoint.set_rng_state(rng)
+        checkpoint.set_rng_state(checkpoint.load_rng_state(resume_from, env.rank))
     wandb_run_id = broadcast_object(wandb_run_id)
 
-    _on_rank0(env, lambda: _make_dir(run_dir))  # only now: a failed start leaves nothing behind
-    if env.is_main:
+    def open_run_dir() -> RunLogger:
+        _make_dir(run_dir)  # only now: a failed start leaves nothing behind
+        # After a rewind to an older checkpoint, newer ones belong to the abandoned future:
+        # moved aside (not deleted), so `resume: auto` and pruning never mistake them for ours.
+        for path in checkpoint.set_aside_newer(checkpoint_root, start_step):
+            print(f"set aside {path.name} (newer than the step {start_step} this run resumes from)", flush=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    logger = RunLogger(cfg, run_dir, env.is_main, wandb_run_id, start_step, last_step)
+        return RunLogger(cfg, run_dir, True, wandb_run_id, start_step, last_step)
+
+    logger = _on_rank0(env, open_run_dir, share=False) or RunLogger(cfg, run_dir, False, wandb_run_id, 0, 0)
+    failed = True
     try:
         if resume_from is not None:
             logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
@@ -115,9 +126,13 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             }
             return checkpoint.save(checkpoint_root, step, train_state, env, cfg.checkpoint.keep_last)
 
-        return _fit(cfg, env, model, strategy, optimizer, scheduler, scaler, data, logger, save, start_step, last_step)
+        result = _fit(
+            cfg, env, model, strategy, optimizer, scheduler, scaler, data, logger, save, start_step, last_step
+        )
+        failed = False
+        return result
     finally:
-        logger.close()
+        logger.close(exit_code=1 if failed else 0)
 
 
 def _make_dir(path: Path) -> None:
@@ -127,18 +142,24 @@ def _make_dir(path: Path) -> None:
         raise UserError(f"cannot create the run directory {path} (run.output_dir/run.name): {exc.strerror}") from None
 
 
-def _on_rank0(env: DistEnv, decide):
-    """Run a decision on rank 0 and hand every rank the same answer (or the same error)."""
+def _on_rank0(env: DistEnv, decide, share: bool = True):
+    """Run `decide` on rank 0 only; every rank learns whether it failed, so none is left waiting
+    in a collective. With share=True every rank also gets its result; otherwise others get None."""
     outcome: tuple[str, Any] = ("ok", None)
+    failure: BaseException | None = None
     if env.is_main:
         try:
-            outcome = ("ok", decide())
-        except UserError as exc:
-            outcome = ("error", str(exc))
-    kind, value = broadcast_object(outcome)
+            value = decide()
+            outcome = ("ok", value if share else None)
+        except Exception as exc:  # noqa: BLE001 - re-raised below on rank 0, reported on the others
+            failure = exc
+            outcome = ("error", str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}")
+    kind, shared = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
     if kind == "error":
-        raise UserError(value)
-    return value
+        raise UserError(shared)
+    return value if env.is_main and not share else shared
 
 
 def _fit(
@@ -174,7 +195,7 @@ def _fit(
         bad = all_reduce_min(first_bad_step.clone()).item()
         if bad <= last_step:
             raise NonFiniteLossError(
-                f"loss became NaN/Inf at step {bad}; stopping (checkpoints written before it are kept)"
+                f"loss or weights became NaN/Inf at step {bad}; stopping (checkpoints written before it are kept)"
             )
 
     model.train()
@@ -228,14 +249,21 @@ def _fit(
             loss_sum.zero_()
             interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
+        pause_start = time.perf_counter()  # evaluation and saving do not count as training time
         if (t.eval_every and step % t.eval_every == 0) or step == end_step:
+            # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
+            broadcast_buffers(strategy.unwrap(model))
             result.eval_metrics = evaluate(strategy.unwrap(model), data.val_loader, device, amp)
             logger.log(step, result.eval_metrics)
             model.train()
 
         if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == end_step:
+            # A finite loss can still come with an update that made the weights non-finite.
+            weights_ok = torch.stack([p.detach().isfinite().all() for p in params]).all()
+            first_bad_step = torch.where(weights_ok, first_bad_step, torch.clamp(first_bad_step, max=step))
             raise_if_nonfinite()  # never let a NaN model replace the last good checkpoint
             result.checkpoint = save(step)
+        interval_start += time.perf_counter() - pause_start
         result.step = step
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,4 +115,46 @@ def test_rng_state_round_trips_every_generator(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     checkpoint.set_rng_state(checkpoint.load_rng_state(path, rank=0))
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
-    assert checkpoint.load_rng_state(path, rank=1) is None
+    with pytest.raises(CheckpointError, match="no RNG state for rank 1"):
+        checkpoint.load_rng_state(path, rank=1)
+
+
+def test_set_aside_newer_keeps_them_on_disk(tmp_path):
+    for step in (2, 4, 6):
+        _save(tmp_path, step)
+    (tmp_path / "step_00000006.abandoned").mkdir()  # from an earlier rewind
+    moved = checkpoint.set_aside_newer(tmp_path, 2)
+    assert sorted(p.name for p in moved) == ["step_00000004.abandoned", "step_00000006.abandoned.1"]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert checkpoint.latest_valid(tmp_path).name == "step_00000002"
+    checkpoint.verify(tmp_path / "step_00000004.abandoned")  # still intact, only renamed
+
+
+def test_a_stale_directory_from_a_crash_does_not_block_a_save(tmp_path):
+    _save(tmp_path, 3)
+    (tmp_path / "step_00000003.stale").mkdir()
+    (tmp_path / "step_00000003.stale" / "junk").write_text("x")
+    path = _save(tmp_path, 3)
+    checkpoint.verify(path)
+    assert not (tmp_path / "step_00000003.stale").exists()
+
+
+@pytest.mark.parametrize(
+    "change, world, message",
+    [
+        ({}, 2, "written by 1 processes, this run has 2"),
+        ({"optim.name": "adam"}, 1, "optim.name=sgd, this run has adam"),
+        ({"data.batch_size": 8}, 1, "data.batch_size=16, this run has 8"),
+        ({"train.grad_accum_steps": 2}, 1, "train.grad_accum_steps=1, this run has 2"),
+        ({"model.name": "mlp"}, 1, "model.name=seed_cnn, this run has mlp"),
+        ({"train.precision": "fp16"}, 1, "train.precision=fp32, this run has fp16"),
+    ],
+)
+def test_resume_refuses_a_run_that_cannot_continue_exactly(change, world, message):
+    from dist_train.config import load_config, to_dict
+
+    base = ["data.batch_size=16", "train.max_steps=10"]
+    saved = {"world_size": 1, "config": to_dict(load_config("configs/digits.yaml", base))}
+    current = load_config("configs/digits.yaml", base + [f"{k}={v}" for k, v in change.items()])
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.check_compatible(saved, current, world, Path("ckpt"))

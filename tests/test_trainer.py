@@ -169,3 +169,53 @@ def test_user_model_factory(tmp_path):
     _, result = _run(tmp_path, **{"model.name": "user_models:tiny_linear", "model.kwargs": "{bias: false}"})
     params = _final_params(result)
     assert list(params) == ["1.weight"]
+
+
+def test_nonfinite_weights_with_a_finite_loss_are_never_saved(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="at step 1"):
+        _run(
+            tmp_path, **{"model.name": "user_models:sqrt_of_zero", "checkpoint.every_steps": 1, "train.log_every": 100}
+        )
+    assert checkpoint.list_checkpoints(tmp_path / "runs" / "digits" / "checkpoints") == []
+
+
+def test_rewind_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, capsys):
+    common = {"train.max_steps": 8, "checkpoint.every_steps": 2, "checkpoint.keep_last": 3}
+    cfg, _ = _run(tmp_path, **common)
+    root = cfg.run_dir / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_00000004", "step_00000006", "step_00000008"]
+    # Rewind to step 4 with another learning rate; the old steps 6 and 8 must not win later,
+    # and pruning (keep_last=3) must not delete the new step 6 in their favour.
+    _run(
+        tmp_path,
+        **common,
+        **{"checkpoint.resume": str(root / "step_00000004"), "optim.lr": 0.01, "train.stop_at_step": 6},
+    )
+    out = capsys.readouterr().out
+    assert "set aside step_00000006.abandoned" in out and "set aside step_00000008.abandoned" in out
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_00000004", "step_00000006"]
+    assert {p.name for p in root.glob("*.abandoned")} == {"step_00000006.abandoned", "step_00000008.abandoned"}
+    resumed = checkpoint.resolve_resume("auto", root)
+    assert resumed.name == "step_00000006"
+    assert checkpoint.load_train_state(resumed)["config"]["optim"]["lr"] == 0.01
+
+
+def test_resume_with_another_optimizer_is_a_one_line_error(tmp_path):
+    _run(tmp_path, **{"train.max_steps": 2})
+    with pytest.raises(checkpoint.CheckpointError, match="optim.name=sgd, this run has adamw"):
+        _run(tmp_path, **{"train.max_steps": 4, "optim.name": "adamw"})
+
+
+def test_metrics_file_survives_a_torn_line_and_a_fresh_start(tmp_path):
+    cfg, _ = _run(tmp_path, **{"train.max_steps": 4, "train.stop_at_step": 2})
+    metrics = cfg.run_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 2.3')  # killed mid-write
+    _run(tmp_path, **{"train.max_steps": 4})
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [2, 2, 4, 4]  # train + eval lines at the stop and at the end, each once
+    # No valid checkpoint left: a fresh start must not append to the dead attempt's metrics.
+    for path in checkpoint.list_checkpoints(cfg.run_dir / "checkpoints"):
+        (path / "manifest.json").unlink()
+    _run(tmp_path, **{"train.max_steps": 2})
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 2]

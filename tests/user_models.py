@@ -1,5 +1,6 @@
 """Models given to dist_train as `user_models:factory`, the way users plug in their own."""
 
+import torch
 from torch import nn
 
 
@@ -10,3 +11,24 @@ def tiny_linear(num_classes: int, input_shape: tuple[int, int, int], bias: bool 
 
 def not_a_model(num_classes: int, input_shape: tuple[int, int, int]) -> str:
     return "oops"
+
+
+class _SqrtOfZero(nn.Module):
+    """A finite loss whose gradient is infinite: the update, not the loss, breaks the weights."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.linear = nn.Linear(c * h * w, num_classes)
+        self.s = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) + torch.sqrt(self.s)
+
+
+def sqrt_of_zero(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    return _SqrtOfZero(num_classes, input_shape)
+
+
+def wrong_signature(width: int) -> nn.Module:
+    return nn.Linear(width, width)
