@@ -330,6 +330,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 # --------------------------------------------------------------------------- validation
 
+FLOAT32_MAX = 3.4028234663852886e38
 DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic")
 
 
@@ -342,7 +343,11 @@ def validate(cfg: Config) -> None:
 
     require(0 <= cfg.run.seed < 2**31, "run.seed", f"must be in [0, 2**31), got {cfg.run.seed}")
 
-    require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
+    require(
+        cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name,
+        "run.name",
+        f"must be a directory name without '/' (not '.' or '..'), got {cfg.run.name!r}",
+    )
     require(
         cfg.data.dataset in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}; got {cfg.data.dataset!r}"
     )
@@ -364,7 +369,7 @@ def validate(cfg: Config) -> None:
         all(h >= 1 for h in cfg.model.mlp_hidden), "model.mlp_hidden", f"sizes must be >= 1, got {cfg.model.mlp_hidden}"
     )
 
-    require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    require(0 < cfg.optim.lr <= FLOAT32_MAX, "optim.lr", f"must be > 0 and fit in float32, got {cfg.optim.lr}")
     require(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}")
     require(0 <= cfg.optim.momentum < 1, "optim.momentum", f"must be in [0, 1), got {cfg.optim.momentum}")
     require(not cfg.optim.nesterov or cfg.optim.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")

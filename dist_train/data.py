@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from dist_train.config import DataConfig, UserError
-from dist_train.distributed import DistEnv
+from dist_train.distributed import DistEnv, barrier
 
 
 class DataError(UserError):
@@ -121,7 +121,10 @@ def _image_folder(cfg: DataConfig) -> Datasets:
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"data.root={root} holds no usable images: {exc}") from None
     if (root / "val").is_dir():
-        val = datasets.ImageFolder(str(root / "val"))
+        try:
+            val = datasets.ImageFolder(str(root / "val"))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataError(f"{root}/val holds no usable images: {exc}") from None
         if val.classes != train_full.classes:
             raise DataError(f"{root}/val has classes {val.classes}, train has {train_full.classes}")
         train = train_full
@@ -295,7 +298,13 @@ class DataPipeline:
 
 
 def build_pipeline(cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int) -> DataPipeline:
+    # One process per node downloads; the others wait for it and then read the files.
+    downloading = cfg.download and env.is_distributed
+    if downloading and env.local_rank != 0:
+        barrier()
     datasets = build_datasets(cfg)
+    if downloading and env.local_rank == 0:
+        barrier()
     global_batch = env.world_size * cfg.batch_size * grad_accum_steps
     n_train = len(datasets.train)
     if n_train < global_batch:

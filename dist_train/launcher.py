@@ -88,11 +88,15 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
     print("+ " + shlex.join(cmd), flush=True)
     # torchrun's own entry point, in this process: the same behaviour as the printed command
     # (signals, restarts, rendezvous), but a failed worker ends in one line, not a traceback.
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     try:
         run(get_args_parser().parse_args(cmd[3:]))
+    except SignalException as exc:  # SIGTERM/SIGINT/SIGHUP: torchrun has already stopped the workers
+        print(f"launch: stopped by {exc.sigval.name}; the workers were shut down", file=sys.stderr)
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = min(exc.failures.items())
         print(f"error: worker rank {rank} exited with code {failure.exitcode}; its message is above", file=sys.stderr)

@@ -81,7 +81,7 @@ def _user_factory(path: str) -> Callable[..., nn.Module]:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, ValueError, TypeError) as exc:
         raise ConfigError(f"model.name={path}: cannot import {module_name} ({exc})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
@@ -101,7 +101,13 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     if cfg.name in ("resnet18", "resnet50"):
         return _resnet(int(cfg.name[6:]), cfg, spec)
     if ":" in cfg.name:
-        model = _user_factory(cfg.name)(num_classes=spec.num_classes, input_shape=spec.input_shape, **cfg.kwargs)
+        factory = _user_factory(cfg.name)
+        try:
+            model = factory(num_classes=spec.num_classes, input_shape=spec.input_shape, **cfg.kwargs)
+        except TypeError as exc:
+            raise ConfigError(
+                f"model.name={cfg.name} must accept (num_classes, input_shape, **model.kwargs): {exc}"
+            ) from None
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model.name={cfg.name} returned {type(model).__name__}, not an nn.Module")
         return model

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from dist_train.config import OptimConfig, ScheduleConfig
+from dist_train.config import ConfigError, OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -47,6 +47,10 @@ def lr_multiplier(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
 
 def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:
     if cfg.name == "onecycle":
+        if cfg.warmup_steps >= total_steps:
+            raise ConfigError(
+                f"schedule.warmup_steps={cfg.warmup_steps} must be < the run's {total_steps} steps for onecycle"
+            )
         lrs = [g["lr"] for g in optimizer.param_groups]
         pct_start = cfg.warmup_steps / total_steps if cfg.warmup_steps else 0.3
         # cycle_momentum needs a momentum/beta1 to cycle; plain SGD without momentum has none.

@@ -172,6 +172,10 @@ def test_image_folder_missing_or_empty_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no usable images"):
         build_datasets(DataConfig(dataset="image_folder", root=str(tmp_path / "empty")))
+    _write_images(tmp_path / "no_val" / "train", ["a"], 2)
+    (tmp_path / "no_val" / "val").mkdir()
+    with pytest.raises(DataError, match="val holds no usable images"):
+        build_datasets(DataConfig(dataset="image_folder", root=str(tmp_path / "no_val")))
 
 
 @pytest.mark.parametrize("name", ["cifar10", "mnist"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 
 import pytest
@@ -282,3 +283,29 @@ def test_launch_mistake_only_a_worker_sees_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr, output
     assert "fewer than one global batch" in proc.stderr, output
     assert proc.stderr.strip().splitlines()[-1] == "error: worker rank 0 exited with code 2; its message is above"
+
+
+def test_sigterm_to_launch_stops_the_workers_without_a_traceback(tmp_path):
+    import subprocess
+    import time
+
+    from conftest import cli_env
+
+    overrides = tiny_overrides(tmp_path, **{"train.max_steps": 100000, "checkpoint.every_steps": 0})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dist_train.cli", "launch", CONFIG, "--nproc-per-node", "2", *overrides],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "runs" / "digits" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.is_file() and time.monotonic() < deadline:  # wait until the workers train
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err, err
+    assert "launch: stopped by SIGTERM" in err

@@ -42,6 +42,8 @@ def test_user_factory_gets_shape_and_kwargs():
         ("user_models:missing", "no callable"),
         ("user_models:not_a_model", "not an nn.Module"),
         ("vgg11", "must be one of"),
+        ("user_models:wrong_signature", "must accept"),
+        (":foo", "cannot import"),
     ],
 )
 def test_bad_model_names(name, message):

@@ -77,3 +77,11 @@ def test_scheduler_state_survives_weights_only_load(name):
     sched2.load_state_dict(torch.load(buffer, weights_only=True))
     opt.step(), sched.step(), opt2.step(), sched2.step()
     assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
+
+
+def test_onecycle_warmup_longer_than_the_run_is_a_config_error():
+    from dist_train.config import ConfigError
+
+    opt = build_optimizer(OptimConfig(), _model())
+    with pytest.raises(ConfigError, match="schedule.warmup_steps=50 must be < the run's 44 steps"):
+        build_scheduler(ScheduleConfig(name="onecycle", warmup_steps=50), opt, 44)
