@@ -37,7 +37,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    # digits | image_folder | cifar10 | mnist | synthetic
+    # digits | image_folder | cifar10 | mnist | synthetic | text
     dataset: str = "digits"
     # Where image_folder/cifar10/mnist live; image_folder expects train/ (and optionally val/).
     root: str = "data"
@@ -46,9 +46,13 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     augment: bool = True
-    # Fraction of image_folder held out for validation when it has no val/ folder.
+    # Fraction held out for validation: image_folder without a val/ folder, and text files.
     val_fraction: float = 0.2
     image_size: int = 32  # image_folder only: images are resized to this square size
+    # text only: glob patterns of text files (none: the Python standard library's sources),
+    # split into train/validation by file, served as sequences of seq_len byte tokens.
+    paths: list[str] = field(default_factory=list)
+    seq_len: int = 256
     # synthetic only
     synthetic_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
     synthetic_size: int = 4096
@@ -57,8 +61,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # seed_cnn | mlp | resnet18 | resnet50 | "package.module:factory"
+    # seed_cnn | mlp | resnet18 | resnet50 | gpt | "package.module:factory"
     name: str = "seed_cnn"
+    # gpt only; its context length is data.seq_len
+    n_layer: int = 4
+    n_head: int = 4
+    width: int = 128
+    dropout: float = 0.0
     mlp_hidden: list[int] = field(default_factory=lambda: [256, 128])
     # resnet only: 3x3 stride-1 stem without max-pool, for 32x32-sized images.
     small_input_stem: bool = True
@@ -98,6 +107,7 @@ class TrainConfig:
     clip_grad_norm: float | None = None
     log_every: int = 10
     eval_every: int = 100  # 0 disables evaluation except at the end
+    eval_batches: int | None = None  # per rank; None evaluates the whole validation split
     progress_bar: bool = True  # rank 0, and only when attached to a terminal
 
 
@@ -331,7 +341,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 # --------------------------------------------------------------------------- validation
 
 FLOAT32_MAX = 3.4028234663852886e38
-DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic")
+DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic", "text")
 
 
 def validate(cfg: Config) -> None:
@@ -365,6 +375,15 @@ def validate(cfg: Config) -> None:
     require(
         cfg.data.synthetic_classes >= 2, "data.synthetic_classes", f"must be >= 2, got {cfg.data.synthetic_classes}"
     )
+    require(cfg.data.seq_len >= 2, "data.seq_len", f"must be >= 2, got {cfg.data.seq_len}")
+    require(cfg.model.n_layer >= 1, "model.n_layer", f"must be >= 1, got {cfg.model.n_layer}")
+    require(cfg.model.n_head >= 1, "model.n_head", f"must be >= 1, got {cfg.model.n_head}")
+    require(
+        cfg.model.width >= 1 and cfg.model.width % cfg.model.n_head == 0,
+        "model.width",
+        f"must be a positive multiple of model.n_head={cfg.model.n_head}, got {cfg.model.width}",
+    )
+    require(0 <= cfg.model.dropout < 1, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
     require(
         all(h >= 1 for h in cfg.model.mlp_hidden), "model.mlp_hidden", f"sizes must be >= 1, got {cfg.model.mlp_hidden}"
     )
@@ -403,6 +422,7 @@ def validate(cfg: Config) -> None:
         t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm", f"must be > 0, got {t.clip_grad_norm}"
     )
     require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    require(t.eval_batches is None or t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
     require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     if cfg.schedule.name == "onecycle" and t.max_steps is not None:
         require(

@@ -10,6 +10,9 @@ Two decisions make resume exact and independent of workers and world size:
 
 from __future__ import annotations
 
+import glob
+import os
+import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +32,7 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class DataSpec:
-    input_shape: tuple[int, int, int]  # (channels, height, width) after transforms
+    input_shape: tuple[int, ...]  # (channels, height, width) for images, (seq_len,) for text
     num_classes: int
 
 
@@ -154,6 +157,56 @@ def _synthetic(cfg: DataConfig) -> Datasets:
     return Datasets(make(cfg.synthetic_size), make(n_val), None, None, DataSpec(shape, cfg.synthetic_classes))
 
 
+class TokenSequences(Dataset):
+    """Non-overlapping windows of seq_len + 1 byte tokens: (input, next-token targets)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.tokens[index * self.seq_len : (index + 1) * self.seq_len + 1].long()
+        return window[:-1], window[1:]
+
+
+def stdlib_sources() -> list[Path]:
+    """The running Python's own standard-library sources: real text present on every machine."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def _read_tokens(files: list[Path]) -> torch.Tensor:
+    # Bytes are the tokens (vocabulary 256); a NUL byte marks where one file ends.
+    data = b"\0".join(f.read_bytes() for f in files)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _text(cfg: DataConfig) -> Datasets:
+    if cfg.paths:
+        matches = {Path(p) for pattern in cfg.paths for p in glob.glob(os.path.expanduser(pattern), recursive=True)}
+        files = sorted(p for p in matches if p.is_file())
+        if not files:
+            raise DataError(f"data.paths={cfg.paths} matched no files")
+    else:
+        files = stdlib_sources()
+    if len(files) < 2:
+        raise DataError(f"data.dataset=text splits by file and needs at least 2 files, got {len(files)}")
+    # Split by file with a fixed seed, so validation text never leaks into training windows.
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    n_val = max(1, round(len(files) * cfg.val_fraction))
+    val_files = sorted(files[i] for i in order[:n_val])
+    train_files = sorted(files[i] for i in order[n_val:])
+    train, val = (
+        TokenSequences(_read_tokens(train_files), cfg.seq_len),
+        TokenSequences(_read_tokens(val_files), cfg.seq_len),
+    )
+    if len(val) == 0:
+        raise DataError(f"the validation files hold fewer than data.seq_len={cfg.seq_len} + 1 bytes")
+    return Datasets(train, val, None, None, DataSpec((cfg.seq_len,), 256))
+
+
 def build_datasets(cfg: DataConfig) -> Datasets:
     if cfg.dataset == "digits":
         return _digits(cfg)
@@ -163,6 +216,8 @@ def build_datasets(cfg: DataConfig) -> Datasets:
         return _image_folder(cfg)
     if cfg.dataset == "synthetic":
         return _synthetic(cfg)
+    if cfg.dataset == "text":
+        return _text(cfg)
     raise DataError(f"unknown data.dataset {cfg.dataset!r}")
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from dist_train.config import ConfigError, ModelConfig
 from dist_train.data import DataSpec
+from dist_train.gpt import GPT
 
 
 class SeedCNN(nn.Module):
@@ -89,10 +90,18 @@ def _user_factory(path: str) -> Callable[..., nn.Module]:
     return factory
 
 
-BUILTIN = ("seed_cnn", "mlp", "resnet18", "resnet50")
+BUILTIN = ("seed_cnn", "mlp", "resnet18", "resnet50", "gpt")
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    if cfg.name == "gpt":
+        if len(spec.input_shape) != 1:
+            raise ConfigError("model.name=gpt needs token sequences: use data.dataset=text")
+        return GPT(spec.num_classes, spec.input_shape[0], cfg.n_layer, cfg.n_head, cfg.width, cfg.dropout)
+    if ":" not in cfg.name and len(spec.input_shape) != 3:
+        raise ConfigError(f"model.name={cfg.name} needs images; for data.dataset=text use model.name=gpt")
+    if ":" in cfg.name:
+        return _user_model(cfg, spec)
     c, h, w = spec.input_shape
     if cfg.name == "seed_cnn":
         return SeedCNN(c, min(h, w), spec.num_classes)
@@ -100,15 +109,17 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
         return MLP(c * h * w, cfg.mlp_hidden, spec.num_classes)
     if cfg.name in ("resnet18", "resnet50"):
         return _resnet(int(cfg.name[6:]), cfg, spec)
-    if ":" in cfg.name:
-        factory = _user_factory(cfg.name)
-        try:
-            model = factory(num_classes=spec.num_classes, input_shape=spec.input_shape, **cfg.kwargs)
-        except TypeError as exc:
-            raise ConfigError(
-                f"model.name={cfg.name} must accept (num_classes, input_shape, **model.kwargs): {exc}"
-            ) from None
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model.name={cfg.name} returned {type(model).__name__}, not an nn.Module")
-        return model
     raise ConfigError(f"model.name must be one of {', '.join(BUILTIN)} or 'package.module:factory'; got {cfg.name!r}")
+
+
+def _user_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    factory = _user_factory(cfg.name)
+    try:
+        model = factory(num_classes=spec.num_classes, input_shape=spec.input_shape, **cfg.kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"model.name={cfg.name} must accept (num_classes, input_shape, **model.kwargs): {exc}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name={cfg.name} returned {type(model).__name__}, not an nn.Module")
+    return model

@@ -8,6 +8,7 @@ read only every `train.log_every` steps and before a checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from contextlib import AbstractContextManager as ContextManager
@@ -186,6 +187,8 @@ def _fit(
         logger.message(f"nothing to do: the run is at step {start_step}, this invocation ends at {end_step}")
         return result
 
+    tokens_per_sample = data.spec.input_shape[0] if len(data.spec.input_shape) == 1 else 0
+    throughput: dict[str, float] = {}
     # Device-side accumulators, read only at logging time.
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), last_step + 1, dtype=torch.long, device=device)
@@ -209,7 +212,8 @@ def _fit(
             # Gradients are all-reduced only on the last micro-batch of the step.
             with strategy.gradient_sync(model, enabled=micro == t.grad_accum_steps - 1):
                 with amp:
-                    loss = F.cross_entropy(model(inputs), targets)
+                    # Flattened so one line serves classes (batch, classes) and tokens (batch, seq, vocab).
+                    loss = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())
                 # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
                 # the accumulation count makes the summed gradient that of one big batch.
                 scaler.scale(loss / t.grad_accum_steps).backward()
@@ -234,6 +238,9 @@ def _fit(
             raise_if_nonfinite()
             loss_mean = all_reduce_sum(loss_sum.clone()) / (env.world_size * t.grad_accum_steps * steps_in_interval)
             elapsed = time.perf_counter() - interval_start
+            samples_per_s = data.global_batch * steps_in_interval / elapsed
+            if tokens_per_sample:
+                throughput = {"tokens_per_s": samples_per_s * tokens_per_sample}
             logger.log(
                 step,
                 {
@@ -241,7 +248,8 @@ def _fit(
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(),
                     "epoch": data.train.epoch,
-                    "samples_per_s": data.global_batch * steps_in_interval / elapsed,
+                    "samples_per_s": samples_per_s,
+                    **throughput,
                     "step_time": elapsed / steps_in_interval,
                     "data_wait_fraction": data_wait / elapsed,
                 },
@@ -253,7 +261,7 @@ def _fit(
         if (t.eval_every and step % t.eval_every == 0) or step == end_step:
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
-            result.eval_metrics = evaluate(strategy.unwrap(model), data.val_loader, device, amp)
+            result.eval_metrics = evaluate(strategy.unwrap(model), data.val_loader, device, amp, t.eval_batches)
             logger.log(step, result.eval_metrics)
             model.train()
 
@@ -269,14 +277,18 @@ def _fit(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: ContextManager) -> dict[str, float]:
-    """Loss and accuracy over the whole validation split, summed across ranks (same on every rank)."""
+def evaluate(
+    model: nn.Module, loader, device: torch.device, amp: ContextManager, max_batches: int | None = None
+) -> dict[str, float]:
+    """Loss and accuracy over the validation split (or the first max_batches of each rank's
+    shard, always the same ones), summed across ranks so every rank gets the same numbers."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for inputs, targets in loader:
+    for inputs, targets in itertools.islice(loader, max_batches):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with amp:
             logits = model(inputs)
+        logits, targets = logits.flatten(0, -2), targets.flatten()  # tokens count like samples
         totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum")
         totals[1] += (logits.argmax(dim=1) == targets).sum()
         totals[2] += targets.numel()

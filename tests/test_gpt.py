@@ -1,0 +1,114 @@
+"""The GPT language model and the byte-level text pipeline it trains on."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+from dist_train.config import ConfigError, DataConfig, ModelConfig, load_config
+from dist_train.data import DataError, build_datasets, stdlib_sources
+from dist_train.gpt import GPT
+from dist_train.models import build_model
+from dist_train.trainer import train
+
+
+def test_gpt_shapes_tied_embeddings_and_init():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=256, context=16, n_layer=3, n_head=2, width=32)
+    assert model(torch.randint(0, 256, (2, 16))).shape == (2, 16, 256)
+    assert model.head.weight is model.token_embedding.weight
+    residual_std = model.blocks[0].attn.proj.weight.std().item()
+    assert residual_std == pytest.approx(0.02 / math.sqrt(6), rel=0.2)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_gpt_is_causal():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=256, context=12, n_layer=2, n_head=2, width=16).eval()
+    tokens = torch.randint(0, 256, (1, 12))
+    changed = tokens.clone()
+    changed[0, 7] = (changed[0, 7] + 1) % 256
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7])  # the past never sees the future
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_flops_per_token_is_six_n_plus_attention():
+    model = GPT(vocab_size=256, context=64, n_layer=2, n_head=4, width=64)
+    n = sum(p.numel() for p in model.parameters()) - 64 * 64  # position embeddings do no matmuls
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 64 * 64
+
+
+def _corpus(tmp_path, files=6):
+    for i in range(files):
+        lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(60)]
+        (tmp_path / f"mod{i}.py").write_text("".join(lines))
+    return [str(tmp_path / "*.py")]
+
+
+def test_text_splits_by_file_and_shifts_targets(tmp_path):
+    paths = _corpus(tmp_path)
+    data = build_datasets(DataConfig(dataset="text", paths=paths, seq_len=16, val_fraction=0.34))
+    assert data.spec.input_shape == (16,) and data.spec.num_classes == 256
+    x, y = data.train[3]
+    assert x.shape == y.shape == (16,) and x.dtype == torch.long
+    assert torch.equal(x[1:], y[:-1])  # targets are the next byte
+    total_bytes = sum(p.stat().st_size for p in tmp_path.glob("*.py")) + 4  # 4 NUL separators
+    assert len(data.val) * 16 < total_bytes * 0.5 and len(data.train) > len(data.val)
+    train_bytes = bytes(data.train.tokens.tolist())
+    val_bytes = bytes(data.val.tokens.tolist())
+    assert b"def f" in train_bytes and not set(train_bytes.split(b"\0")) & set(val_bytes.split(b"\0"))
+
+
+def test_text_errors(tmp_path):
+    with pytest.raises(DataError, match="matched no files"):
+        build_datasets(DataConfig(dataset="text", paths=[str(tmp_path / "none*.txt")]))
+    (tmp_path / "one.txt").write_text("x" * 1000)
+    with pytest.raises(DataError, match="at least 2 files"):
+        build_datasets(DataConfig(dataset="text", paths=[str(tmp_path / "*.txt")]))
+    with pytest.raises(ConfigError, match="needs token sequences"):
+        build_model(ModelConfig(name="gpt"), build_datasets(DataConfig(dataset="digits")).spec)
+
+
+def test_default_corpus_is_the_standard_library():
+    files = stdlib_sources()
+    assert len(files) > 100 and any(f.name == "os.py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+
+
+def test_gpt_learns_below_the_unigram_baseline(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    (tmp_path / "corpus").mkdir()
+    paths = _corpus(tmp_path / "corpus")
+    overrides = tiny_overrides(
+        tmp_path,
+        **{
+            "data.dataset": "text",
+            "data.paths": json.dumps(paths),
+            "data.seq_len": 32,
+            "model.name": "gpt",
+            "model.n_layer": 2,
+            "model.width": 32,
+            "model.n_head": 2,
+            "optim.name": "adamw",
+            "optim.lr": 0.01,
+            "schedule.warmup_steps": 5,
+            "train.max_steps": 60,
+            "train.log_every": 20,
+            "checkpoint.every_steps": 0,
+        },
+    )
+    cfg = load_config("configs/gpt_cpu.yaml", overrides)
+    result = train(cfg)
+    data = build_datasets(cfg.data)
+    counts = torch.bincount(data.train.tokens.long(), minlength=256).double() + 1
+    log_p = (counts / counts.sum()).log()
+    unigram_loss = -log_p[data.val.tokens.long()].mean().item()
+    assert result.eval_metrics["val_loss"] < 0.7 * unigram_loss
+    logged = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 32) for r in logged if "loss" in r)
