@@ -206,7 +206,14 @@ def load_rng_state(path: Path, rank: int) -> dict[str, Any]:
 
 
 # What must not change between the run that wrote a checkpoint and the run resuming it.
-RESUME_INVARIANTS = ("data.dataset", "data.batch_size", "train.grad_accum_steps", "model.name", "optim.name")
+RESUME_INVARIANTS = (
+    "data.dataset",
+    "data.batch_size",
+    "train.grad_accum_steps",
+    "model.name",
+    "optim.name",
+    "parallel.strategy",
+)
 
 
 def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> None:
@@ -244,8 +251,9 @@ def set_aside_newer(checkpoint_root: Path, step: int) -> list[Path]:
     return moved
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Strict load that names the first mismatching parameter instead of a wall of text."""
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path, load=None) -> None:
+    """Strict load that names the first mismatching parameter instead of a wall of text.
+    `load` puts the checked state into the model (a strategy's loader for sharded models)."""
     own = model.state_dict()
     for name, tensor in own.items():
         if name not in state:
@@ -258,4 +266,4 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     extra = [name for name in state if name not in own]
     if extra:
         raise CheckpointError(f"checkpoint {source} does not fit this model: unexpected parameter {extra[0]}")
-    model.load_state_dict(state)
+    (load or model.load_state_dict)(state)

@@ -113,9 +113,13 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: Literal["none", "ddp"] = "none"
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
     # DDP gradient bucket size; larger buckets mean fewer, bigger all-reduces.
     bucket_cap_mb: float = 25.0
+    # fsdp: free each block's gathered parameters after its forward (less memory, one more
+    # all-gather in backward); and keep parameters and optimizer state in CPU memory.
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
 
 
 @dataclass

@@ -81,6 +81,12 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_agree(flag: bool, device: torch.device) -> bool:
     """True on every rank if any rank passed True: a decision all ranks take together."""
     value = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -1,11 +1,13 @@
-"""Parallel strategies: each owns wrapping, the no-sync context and access to the plain model,
-so the training loop never branches on which one is in use."""
+"""Parallel strategies: each owns wrapping, the no-sync context, mixed precision where it
+applies, and state-dict get/set, so the training loop never branches on which one is in use."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from contextlib import AbstractContextManager as ContextManager
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -15,6 +17,7 @@ from dist_train.distributed import DistEnv
 
 class SingleProcess:
     name = "none"
+    handles_precision = False  # the loop's autocast does mixed precision
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -25,8 +28,20 @@ class SingleProcess:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def model_state_dict(self, model: nn.Module) -> dict:
+        return self.unwrap(model).state_dict()
 
-class DDP:
+    def load_model_state_dict(self, model: nn.Module, state: dict) -> None:
+        self.unwrap(model).load_state_dict(state)
+
+    def optim_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optim_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+
+class DDP(SingleProcess):
     name = "ddp"
 
     def __init__(self, env: DistEnv, bucket_cap_mb: float) -> None:
@@ -51,6 +66,75 @@ class DDP:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks a model declares (`blocks`: GPT) or that we know (ResNet stages)."""
+    if isinstance(getattr(model, "blocks", None), nn.ModuleList):
+        return list(model.blocks)
+    stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
+    return [s for s in stages if s is not None]
+
+
+class FSDP(SingleProcess):
+    """FSDP2: each block is its own fully_shard unit, then the root; parameters are DTensors."""
+
+    name = "fsdp"
+
+    def __init__(self, env: DistEnv, cfg: ParallelConfig, precision: str) -> None:
+        self.env, self.cfg, self.precision = env, cfg, precision
+        # bf16 params and compute with fp32 gradient reduction; FSDP casts, so no autocast.
+        self.handles_precision = precision == "bf16"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        kwargs: dict = {"reshard_after_forward": self.cfg.reshard_after_forward}
+        if self.handles_precision:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.cfg.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        units = shard_units(model)
+        if not units and self.env.is_main:
+            warnings.warn(
+                f"{type(model).__name__} names no repeated blocks (a `blocks` ModuleList): FSDP shards it as one "
+                "unit, so all parameters are gathered at once",
+                stacklevel=2,
+            )
+        for unit in units:
+            fully_shard(unit, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
+        # No reduce-scatter on non-final micro-batches; gradients accumulate unsharded locally.
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def model_state_dict(self, model: nn.Module) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=self._options())  # collective; full on rank 0
+
+    def load_model_state_dict(self, model: nn.Module, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state, options=self._options())
+
+    def optim_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=self._options())
+
+    def load_optim_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=self._options())
+
+
 def check_world_size(strategy: str, world_size: int) -> None:
     if strategy == "none" and world_size > 1:
         raise ConfigError(
@@ -59,8 +143,14 @@ def check_world_size(strategy: str, world_size: int) -> None:
         )
 
 
-def build_strategy(cfg: ParallelConfig, env: DistEnv) -> SingleProcess | DDP:
+def build_strategy(cfg: ParallelConfig, env: DistEnv, precision: str = "fp32") -> SingleProcess:
     check_world_size(cfg.strategy, env.world_size)
     if cfg.strategy == "ddp":
         return DDP(env, cfg.bucket_cap_mb)
+    if cfg.strategy == "fsdp":
+        if not env.is_distributed:
+            raise ConfigError("parallel.strategy=fsdp needs a process group: start it with dist-train launch")
+        if precision == "fp16":
+            raise ConfigError("train.precision=fp16 is not supported with parallel.strategy=fsdp; use bf16")
+        return FSDP(env, cfg, precision)
     return SingleProcess()

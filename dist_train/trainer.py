@@ -8,7 +8,6 @@ read only every `train.log_every` steps and before a checkpoint is written.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import time
 from contextlib import AbstractContextManager as ContextManager
@@ -25,6 +24,7 @@ from dist_train.config import Config, ConfigError, UserError, dump_yaml, to_dict
 from dist_train.data import DataPipeline, build_pipeline, total_steps
 from dist_train.distributed import (
     DistEnv,
+    all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
     broadcast_buffers,
@@ -63,7 +63,7 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config, env: DistEnv) -> TrainResult:
-    strategy = build_strategy(cfg.parallel, env)
+    strategy = build_strategy(cfg.parallel, env, cfg.train.precision)
     autocast(cfg.train.precision, env.device)  # fails fast on fp16 without a GPU
     run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     resume_mode = cfg.checkpoint.resume
@@ -84,8 +84,10 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     if resume_from is not None:
         state = checkpoint.load_train_state(resume_from)
         checkpoint.check_compatible(state, cfg, env.world_size, resume_from)
-        checkpoint.load_model_state(strategy.unwrap(model), state["model"], resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.load_model_state(
+            strategy.unwrap(model), state["model"], resume_from, lambda sd: strategy.load_model_state_dict(model, sd)
+        )
+        strategy.load_optim_state_dict(model, optimizer, state["optimizer"])
         load_scheduler_position(scheduler, state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         data.train.load_state_dict(state["data"])
@@ -116,8 +118,8 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         def save(step: int) -> Path:
             train_state = {
                 "step": step,
-                "model": strategy.unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": strategy.model_state_dict(model),
+                "optimizer": strategy.optim_state_dict(model, optimizer),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "data": data.train.state_dict(),
@@ -178,7 +180,7 @@ def _fit(
     last_step: int,
 ) -> TrainResult:
     t = cfg.train
-    amp = autocast(t.precision, env.device)
+    amp = contextlib.nullcontext() if strategy.handles_precision else autocast(t.precision, env.device)
     device = env.device
     params = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult(step=start_step)
@@ -213,7 +215,7 @@ def _fit(
             with strategy.gradient_sync(model, enabled=micro == t.grad_accum_steps - 1):
                 with amp:
                     # Flattened so one line serves classes (batch, classes) and tokens (batch, seq, vocab).
-                    loss = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())
+                    loss = F.cross_entropy(model(inputs).flatten(0, -2).float(), targets.flatten())
                 # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
                 # the accumulation count makes the summed gradient that of one big batch.
                 scaler.scale(loss / t.grad_accum_steps).backward()
@@ -246,7 +248,7 @@ def _fit(
                 {
                     "loss": loss_mean.item(),
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
+                    "grad_norm": _full(grad_norm).item(),
                     "epoch": data.train.epoch,
                     "samples_per_s": samples_per_s,
                     **throughput,
@@ -267,7 +269,7 @@ def _fit(
 
         if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == end_step:
             # A finite loss can still come with an update that made the weights non-finite.
-            weights_ok = torch.stack([p.detach().isfinite().all() for p in params]).all()
+            weights_ok = torch.stack([_local(p.detach()).isfinite().all() for p in params]).all()
             first_bad_step = torch.where(weights_ok, first_bad_step, torch.clamp(first_bad_step, max=step))
             raise_if_nonfinite()  # never let a NaN model replace the last good checkpoint
             result.checkpoint = save(step)
@@ -276,21 +278,42 @@ def _fit(
     return result
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP parameters), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (gathered), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader, device: torch.device, amp: ContextManager, max_batches: int | None = None
 ) -> dict[str, float]:
     """Loss and accuracy over the validation split (or the first max_batches of each rank's
-    shard, always the same ones), summed across ranks so every rank gets the same numbers."""
+    shard, always the same ones), summed across ranks so every rank gets the same numbers.
+
+    Every rank runs the same number of forwards (a sharded model all-gathers inside each one);
+    a rank whose shard ran out repeats its last batch without counting it.
+    """
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for inputs, targets in itertools.islice(loader, max_batches):
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    own_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    rounds = int(all_reduce_max(torch.tensor(own_batches, device=device)).item())
+    batches = iter(loader)
+    for index in range(rounds):
+        if index < own_batches:
+            inputs, targets = next(batches)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with amp:
             logits = model(inputs)
-        logits, targets = logits.flatten(0, -2), targets.flatten()  # tokens count like samples
-        totals[0] += F.cross_entropy(logits.float(), targets, reduction="sum")
-        totals[1] += (logits.argmax(dim=1) == targets).sum()
-        totals[2] += targets.numel()
+        if index >= own_batches:
+            continue
+        logits, flat_targets = logits.flatten(0, -2), targets.flatten()  # tokens count like samples
+        totals[0] += F.cross_entropy(logits.float(), flat_targets, reduction="sum")
+        totals[1] += (logits.argmax(dim=1) == flat_targets).sum()
+        totals[2] += flat_targets.numel()
     loss_sum, correct, count = all_reduce_sum(totals).tolist()
     return {"val_loss": loss_sum / count, "val_acc": correct / count}

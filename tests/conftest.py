@@ -71,3 +71,12 @@ def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+def write_text_corpus(folder: Path, files: int = 6) -> list[str]:
+    """Small Python-like source files for the text pipeline; returns the glob that finds them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(60)]
+        (folder / f"mod{i}.py").write_text("".join(lines))
+    return [str(folder / "*.py")]

@@ -148,6 +148,7 @@ def test_a_stale_directory_from_a_crash_does_not_block_a_save(tmp_path):
         ({"train.grad_accum_steps": 2}, 1, "train.grad_accum_steps=1, this run has 2"),
         ({"model.name": "mlp"}, 1, "model.name=seed_cnn, this run has mlp"),
         ({"train.precision": "fp16"}, 1, "train.precision=fp32, this run has fp16"),
+        ({"parallel.strategy": "fsdp"}, 1, "parallel.strategy=ddp, this run has fsdp"),
     ],
 )
 def test_resume_refuses_a_run_that_cannot_continue_exactly(change, world, message):

@@ -287,7 +287,7 @@ def test_typo_never_becomes_a_default(override):
         ("train.precision=FP32", "train.precision"),
         ("optim.name=rmsprop", "optim.name"),
         ("schedule.name=linear", "schedule.name"),
-        ("parallel.strategy=fsdp", "parallel.strategy"),
+        ("parallel.strategy=zero3", "parallel.strategy"),
         ("logging.wandb.mode=offlin", "logging.wandb.mode"),
     ],
 )

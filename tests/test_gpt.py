@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, tiny_overrides, write_text_corpus
 
 from dist_train.config import ConfigError, DataConfig, ModelConfig, load_config
 from dist_train.data import DataError, build_datasets, stdlib_sources
@@ -44,15 +44,8 @@ def test_flops_per_token_is_six_n_plus_attention():
     assert model.flops_per_token() == 6 * n + 12 * 2 * 64 * 64
 
 
-def _corpus(tmp_path, files=6):
-    for i in range(files):
-        lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(60)]
-        (tmp_path / f"mod{i}.py").write_text("".join(lines))
-    return [str(tmp_path / "*.py")]
-
-
 def test_text_splits_by_file_and_shifts_targets(tmp_path):
-    paths = _corpus(tmp_path)
+    paths = write_text_corpus(tmp_path)
     data = build_datasets(DataConfig(dataset="text", paths=paths, seq_len=16, val_fraction=0.34))
     assert data.spec.input_shape == (16,) and data.spec.num_classes == 256
     x, y = data.train[3]
@@ -83,8 +76,7 @@ def test_default_corpus_is_the_standard_library():
 
 def test_gpt_learns_below_the_unigram_baseline(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    (tmp_path / "corpus").mkdir()
-    paths = _corpus(tmp_path / "corpus")
+    paths = write_text_corpus(tmp_path / "corpus")
     overrides = tiny_overrides(
         tmp_path,
         **{

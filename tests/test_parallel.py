@@ -89,3 +89,16 @@ def test_two_rank_resume_is_bitwise_exact(tmp_path):
     straight, resumed = _final_params(tmp_path, "straight"), _final_params(tmp_path, "split")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_fsdp_needs_a_process_group_and_no_fp16():
+    import pytest
+
+    from dist_train.config import ConfigError
+
+    env = DistEnv(0, 0, 1, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="needs a process group"):
+        build_strategy(ParallelConfig(strategy="fsdp"), env)
+    two = DistEnv(0, 0, 2, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="fp16 is not supported"):
+        build_strategy(ParallelConfig(strategy="fsdp"), two, "fp16")
