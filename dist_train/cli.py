@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0, for several nodes")
     launch.add_argument("--rdzv-id", default="dist_train", help="the same on every node of one job")
     launch.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
+    export = sub.add_parser("export", help="write a checkpoint's full weights to a safetensors file")
+    export.add_argument("run_dir", help="the run directory, e.g. runs/digits")
+    export.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid)")
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     return parser
 
 
@@ -37,11 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after launch flags; argparse collects only the first run.
     args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "export":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     for item in extra:
         if item.startswith("-") or "=" not in item:
             parser.error(f"unrecognized argument {item!r} (overrides look like key=value)")
         args.overrides.append(item)
     try:
+        if args.command == "export":
+            from pathlib import Path
+
+            from dist_train.export import export
+
+            source = export(Path(args.run_dir), Path(args.out), args.step, args.dtype)
+            print(f"exported {source} to {args.out} ({args.dtype})")
+            return 0
         cfg = load_config(args.config, args.overrides)  # validated before any worker starts
         if args.command == "launch":
             from dist_train.launcher import LaunchOptions, launch

@@ -78,3 +78,27 @@ def test_fsdp_bf16_trains(tmp_path):
     params = _params(tmp_path, "bf16")
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in params.values())
     assert all(loss < 6.0 for loss in _losses(tmp_path, "bf16"))
+
+
+def test_export_from_an_fsdp_checkpoint_reproduces_the_logits(tmp_path):
+    from safetensors.torch import load_file
+
+    from dist_train.gpt import GPT
+
+    _launch(tmp_path, "to_export", **{"parallel.strategy": "fsdp", "train.max_steps": 2})
+    run_dir = tmp_path / "runs" / "to_export"
+    out = tmp_path / "model.safetensors"
+    proc = run_cli("export", str(run_dir), "--out", str(out), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    plain = GPT(vocab_size=256, context=32, n_layer=2, n_head=2, width=32)
+    plain.load_state_dict(load_file(str(out)))
+    reference = GPT(vocab_size=256, context=32, n_layer=2, n_head=2, width=32)
+    reference.load_state_dict(_params(tmp_path, "to_export"))
+    tokens = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(plain(tokens), reference(tokens), rtol=0, atol=0)
+
+    bf16 = tmp_path / "model_bf16.safetensors"
+    assert run_cli("export", str(run_dir), "--out", str(bf16), "--dtype", "bf16", cwd=REPO).returncode == 0
+    assert load_file(str(bf16))["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+    missing = run_cli("export", str(run_dir), "--out", str(bf16), "--step", "99", cwd=REPO)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {run_dir} has no checkpoint for step 99"

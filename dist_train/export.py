@@ -1,0 +1,48 @@
+"""`dist-train export RUN_DIR`: consolidated weights for inference, as one safetensors file.
+
+Checkpoints hold full (gathered) model state dicts whatever the strategy and world size, so
+export needs no process group and no GPUs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dist_train import checkpoint
+from dist_train.config import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def export(run_dir: Path, out: Path, step: int | None = None, dtype: str = "fp32") -> Path:
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    root = run_dir / "checkpoints"
+    if step is None:
+        source = checkpoint.latest_valid(root)
+        if source is None:
+            raise UserError(f"{run_dir} has no valid checkpoint to export")
+    else:
+        source = checkpoint.step_dir(root, step)
+        if not source.is_dir():
+            raise UserError(f"{run_dir} has no checkpoint for step {step}")
+        checkpoint.verify(source)
+    if out.exists() and out.is_dir():
+        raise UserError(f"--out {out} is a directory")
+    state = checkpoint.load_train_state(source)["model"]
+    tensors, seen = {}, set()
+    for name, tensor in state.items():
+        # safetensors stores no aliases: tied weights (GPT's embedding and head) become copies.
+        alias = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        tensor = tensor.clone() if alias in seen else tensor
+        seen.add(alias)
+        tensors[name] = tensor.to(DTYPES[dtype]).contiguous() if tensor.is_floating_point() else tensor.contiguous()
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    save_file(tensors, str(partial), metadata={"source": str(source), "step": str(source.name), "dtype": dtype})
+    partial.replace(out)  # never leave a half-written file under the requested name
+    return source
