@@ -87,12 +87,6 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if any rank passed True: a decision all ranks take together."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(value).item() > 0)
-
-
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics)."""
     if dist.is_initialized():
@@ -111,11 +105,3 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
-
-
-def all_gather_object(obj: object) -> list[object]:
-    if not dist.is_initialized():
-        return [obj]
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered

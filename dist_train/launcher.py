@@ -75,8 +75,9 @@ def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions
 
 def preflight(cfg: Config, world_size: int) -> None:
     """Mistakes the workers would hit on their first line, caught before any worker starts."""
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); use bf16 on CPU")
+    from dist_train.trainer import autocast
+
+    autocast(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # fp16 on CPU
     check_world_size(cfg.parallel.strategy, world_size)
     if cfg.checkpoint.resume not in ("auto",):
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
