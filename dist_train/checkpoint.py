@@ -1,7 +1,10 @@
 """Atomic, verifiable checkpoints and `resume: auto|never|PATH`.
 
 Layout of one checkpoint, `checkpoints/step_00000100/`:
-  train_state.pt   model, optimizer, scheduler, grad scaler, progress, W&B id, config (rank 0)
+  model_optim/     model and optimizer through torch.distributed.checkpoint (DCP): every rank
+                   writes its own shards (FSDP) or its share of the replicated tensors (DDP),
+                   keyed by parameter name, so any world size and strategy can load them
+  train_state.pt   scheduler, grad scaler, data position, progress, W&B id, config (rank 0)
   rng_rank{r}.pt   python / numpy / torch / CUDA RNG states of rank r
   manifest.json    format version, step, size and sha256 of every file, written last
 
@@ -12,6 +15,8 @@ detect a truncated or corrupted checkpoint and fall back to the previous one.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,19 +24,26 @@ import random
 import re
 import shutil
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dist_train.config import Config, UserError, to_dict
 from dist_train.distributed import DistEnv, barrier
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model and optimizer in DCP format (1 held them in train_state.pt)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.pt"
+MODEL_OPTIM = "model_optim"
 
 
 class CheckpointError(UserError):
@@ -85,8 +97,25 @@ def _write_durably(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-def save(checkpoint_root: Path, step: int, train_state: dict[str, Any], env: DistEnv, keep_last: int) -> Path:
-    """Collective: every rank calls it. Rank 0 writes the train state; each rank its RNG."""
+@contextlib.contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    # Without a process group DCP warns that it assumes a single process: that is intended.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def save(
+    checkpoint_root: Path,
+    step: int,
+    train_state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistEnv,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it. All ranks write model and optimizer shards through DCP
+    and their RNG; rank 0 writes the train state and the manifest, then renames."""
     final = step_dir(checkpoint_root, step)
     partial = final.with_name(final.name + ".partial")
     if env.is_main:
@@ -94,11 +123,18 @@ def save(checkpoint_root: Path, step: int, train_state: dict[str, Any], env: Dis
             shutil.rmtree(partial)  # left by an earlier crash
         partial.mkdir(parents=True)
     barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)  # sharded under FSDP, full otherwise
+    with _quiet_dcp():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial / MODEL_OPTIM)
     _write_durably(partial / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
     barrier()
     if env.is_main:
         _write_durably(partial / TRAIN_STATE, lambda f: torch.save(train_state, f))
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+        files = {
+            p.relative_to(partial).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(partial.rglob("*"))
+            if p.is_file()
+        }
         manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": env.world_size, "files": files}
         _write_durably(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         if final.exists():
@@ -153,6 +189,11 @@ def verify(path: Path) -> None:
             f"checkpoint {path} has format version {version}; this dist_train reads up to "
             f"{FORMAT_VERSION} (upgrade dist_train)"
         )
+    if version < FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version}, written by an older dist_train; this one reads "
+            f"version {FORMAT_VERSION}"
+        )
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -206,23 +247,13 @@ def load_rng_state(path: Path, rank: int) -> dict[str, Any]:
 
 
 # What must not change between the run that wrote a checkpoint and the run resuming it.
-RESUME_INVARIANTS = (
-    "data.dataset",
-    "data.batch_size",
-    "train.grad_accum_steps",
-    "model.name",
-    "optim.name",
-    "parallel.strategy",
-)
+# parallel.strategy may change: model and optimizer state are stored by parameter name.
+RESUME_INVARIANTS = ("data.dataset", "model.name", "optim.name")
 
 
-def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> None:
-    """One-line errors for a resume that could not continue the same run exactly."""
-    if state["world_size"] != world_size:
-        raise CheckpointError(
-            f"checkpoint {source} was written by {state['world_size']} processes, this run has {world_size}; "
-            f"resume with the same number of processes"
-        )
+def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> Config:
+    """One-line errors for a resume that could not continue the same run; returns the config
+    to resume with, whose accumulation keeps the global batch when the world size changed."""
     saved, current = state["config"], to_dict(cfg)
     for key in RESUME_INVARIANTS:
         section, name = key.split(".")
@@ -236,6 +267,31 @@ def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source
             f"checkpoint {source} was written with train.precision={saved['train']['precision']}, this run has "
             f"{cfg.train.precision}; switching to or from fp16 loses the loss-scaler state"
         )
+    saved_world, saved_batch = state["world_size"], saved["data"]["batch_size"]
+    saved_accum = saved["train"]["grad_accum_steps"]
+    if world_size == saved_world:
+        for key, before, now in (
+            ("data.batch_size", saved_batch, cfg.data.batch_size),
+            ("train.grad_accum_steps", saved_accum, cfg.train.grad_accum_steps),
+        ):
+            if before != now:
+                raise CheckpointError(
+                    f"checkpoint {source} was written with {key}={before}, this run has {now}; "
+                    "keep it or start a new run.name"
+                )
+        return cfg
+    # Elastic resume: the data position is a global sample count, so only the global batch
+    # (and with it the epoch's step count and the LR schedule) must stay the same.
+    global_batch = saved_world * saved_batch * saved_accum
+    per_step = world_size * cfg.data.batch_size
+    if global_batch % per_step:
+        raise CheckpointError(
+            f"checkpoint {source} was written with a global batch of {global_batch} ({saved_world} processes x "
+            f"data.batch_size {saved_batch} x {saved_accum} accumulation); {world_size} processes x "
+            f"data.batch_size {cfg.data.batch_size} cannot make it up by accumulation"
+        )
+    train = dataclasses.replace(cfg.train, grad_accum_steps=global_batch // per_step)
+    return dataclasses.replace(cfg, train=train)
 
 
 def set_aside_newer(checkpoint_root: Path, step: int) -> list[Path]:
@@ -251,19 +307,48 @@ def set_aside_newer(checkpoint_root: Path, step: int) -> list[Path]:
     return moved
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path, load=None) -> None:
-    """Strict load that names the first mismatching parameter instead of a wall of text.
-    `load` puts the checked state into the model (a strategy's loader for sharded models)."""
-    own = model.state_dict()
-    for name, tensor in own.items():
-        if name not in state:
+def _saved_tensors(path: Path) -> dict[str, TensorStorageMetadata]:
+    try:
+        metadata = dcp.FileSystemReader(str(path / MODEL_OPTIM)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - a foreign or torn directory: one line
+        raise CheckpointError(f"cannot read {path / MODEL_OPTIM}: {exc}") from None
+    return {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def _check_fits(model_state: dict[str, torch.Tensor], saved: dict[str, TensorStorageMetadata], source: Path) -> None:
+    """Name the first mismatching parameter instead of DCP's wall of text."""
+    saved_shapes = {k.removeprefix("model."): tuple(m.size) for k, m in saved.items() if k.startswith("model.")}
+    for name, tensor in model_state.items():
+        if name not in saved_shapes:
             raise CheckpointError(f"checkpoint {source} does not fit this model: parameter {name} is missing")
-        if state[name].shape != tensor.shape:
+        if saved_shapes[name] != tuple(tensor.shape):  # a DTensor's shape is the global one
             raise CheckpointError(
                 f"checkpoint {source} does not fit this model: {name} has shape "
-                f"{tuple(state[name].shape)} in the checkpoint, {tuple(tensor.shape)} in the model"
+                f"{saved_shapes[name]} in the checkpoint, {tuple(tensor.shape)} in the model"
             )
-    extra = [name for name in state if name not in own]
+    extra = [name for name in saved_shapes if name not in model_state]
     if extra:
         raise CheckpointError(f"checkpoint {source} does not fit this model: unexpected parameter {extra[0]}")
-    (load or model.load_state_dict)(state)
+
+
+def load_model_and_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: DCP reads the slices this rank owns, whatever world size wrote them."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    _check_fits(model_state, _saved_tensors(path), path)
+    state = {"model": model_state, "optim": optim_state}
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=path / MODEL_OPTIM)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def read_full_state(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
+    """Whole tensors under `prefix` (model, optim) as one process sees them, assembled from
+    every rank's shards; for export and inspection, needs no process group."""
+    wanted = {
+        key: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for key, m in _saved_tensors(path).items()
+        if key.startswith(prefix + ".")
+    }
+    with _quiet_dcp():
+        dcp.load(wanted, checkpoint_id=path / MODEL_OPTIM, no_dist=True)
+    return {key.removeprefix(prefix + "."): tensor for key, tensor in wanted.items()}

@@ -1,7 +1,7 @@
 """`dist-train export RUN_DIR`: consolidated weights for inference, as one safetensors file.
 
-Checkpoints hold full (gathered) model state dicts whatever the strategy and world size, so
-export needs no process group and no GPUs.
+DCP checkpoints record which slice of every tensor each rank wrote, so one process assembles
+the full weights of any strategy and world size: export needs no process group and no GPUs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def export(run_dir: Path, out: Path, step: int | None = None, dtype: str = "fp32
         checkpoint.verify(source)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a directory")
-    state = checkpoint.load_train_state(source)["model"]
+    state = checkpoint.read_full_state(source, "model")
     tensors, seen = {}, set()
     for name, tensor in state.items():
         # safetensors stores no aliases: tied weights (GPT's embedding and head) become copies.

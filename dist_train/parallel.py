@@ -1,5 +1,6 @@
-"""Parallel strategies: each owns wrapping, the no-sync context, mixed precision where it
-applies, and state-dict get/set, so the training loop never branches on which one is in use."""
+"""Parallel strategies: each owns wrapping, the no-sync context and mixed precision where it
+applies, so the training loop never branches on which one is in use. Checkpoints need no
+strategy code: DCP's get_state_dict/set_state_dict speak every wrapping."""
 
 from __future__ import annotations
 
@@ -27,18 +28,6 @@ class SingleProcess:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
-
-    def model_state_dict(self, model: nn.Module) -> dict:
-        return self.unwrap(model).state_dict()
-
-    def load_model_state_dict(self, model: nn.Module, state: dict) -> None:
-        self.unwrap(model).load_state_dict(state)
-
-    def optim_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        return optimizer.state_dict()
-
-    def load_optim_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
 
 
 class DDP(SingleProcess):
@@ -108,31 +97,6 @@ class FSDP(SingleProcess):
         # No reduce-scatter on non-final micro-batches; gradients accumulate unsharded locally.
         model.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
-
-    def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-    def model_state_dict(self, model: nn.Module) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(model, options=self._options())  # collective; full on rank 0
-
-    def load_model_state_dict(self, model: nn.Module, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(model, state, options=self._options())
-
-    def optim_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, optimizer, options=self._options())
-
-    def load_optim_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, state, options=self._options())
 
 
 def check_world_size(strategy: str, world_size: int) -> None:

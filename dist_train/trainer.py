@@ -71,6 +71,18 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         resume_mode = "auto"  # torchrun restarted this very run after a failure: continue it
     resume_from = _on_rank0(env, lambda: checkpoint.resolve_resume(resume_mode, checkpoint_root))
 
+    state = None
+    if resume_from is not None:
+        state = checkpoint.load_train_state(resume_from)
+        accum_before = cfg.train.grad_accum_steps
+        cfg = checkpoint.check_compatible(state, cfg, env.world_size, resume_from)
+        world_change = (
+            f"written by {state['world_size']} processes, resumed on {env.world_size}: train.grad_accum_steps "
+            f"{accum_before} -> {cfg.train.grad_accum_steps} keeps the global batch"
+            if state["world_size"] != env.world_size
+            else ""
+        )
+
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
     data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
     model = strategy.wrap(build_model(cfg.model, data.spec).to(env.device))
@@ -81,18 +93,17 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout) from here on
 
     start_step, wandb_run_id = 0, new_wandb_run_id()
-    if resume_from is not None:
-        state = checkpoint.load_train_state(resume_from)
-        checkpoint.check_compatible(state, cfg, env.world_size, resume_from)
-        checkpoint.load_model_state(
-            strategy.unwrap(model), state["model"], resume_from, lambda sd: strategy.load_model_state_dict(model, sd)
-        )
-        strategy.load_optim_state_dict(model, optimizer, state["optimizer"])
+    if state is not None:
+        checkpoint.load_model_and_optimizer(resume_from, model, optimizer)
         load_scheduler_position(scheduler, state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         data.train.load_state_dict(state["data"])
         start_step, wandb_run_id = state["step"], state["wandb_run_id"]
-        checkpoint.set_rng_state(checkpoint.load_rng_state(resume_from, env.rank))
+        if world_change:
+            # Ranks no longer map one-to-one onto saved RNG streams: fresh ones, distinct per step.
+            seed_everything(hash((cfg.run.seed, env.rank, start_step)) % 2**31)
+        else:
+            checkpoint.set_rng_state(checkpoint.load_rng_state(resume_from, env.rank))
     wandb_run_id = broadcast_object(wandb_run_id)
 
     def open_run_dir() -> RunLogger:
@@ -107,8 +118,10 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     logger = _on_rank0(env, open_run_dir, share=False) or RunLogger(cfg, run_dir, False, wandb_run_id, 0, 0)
     failed = True
     try:
-        if resume_from is not None:
+        if state is not None:
             logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
+            if world_change:
+                logger.message(world_change)
         logger.message(
             f"training {last_step} steps of global batch {data.global_batch} "
             f"({env.world_size} x {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation) "
@@ -118,8 +131,6 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         def save(step: int) -> Path:
             train_state = {
                 "step": step,
-                "model": strategy.model_state_dict(model),
-                "optimizer": strategy.optim_state_dict(model, optimizer),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "data": data.train.state_dict(),
@@ -127,7 +138,9 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
                 "world_size": env.world_size,
                 "config": to_dict(cfg),
             }
-            return checkpoint.save(checkpoint_root, step, train_state, env, cfg.checkpoint.keep_last)
+            return checkpoint.save(
+                checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last
+            )
 
         result = _fit(
             cfg, env, model, strategy, optimizer, scheduler, scaler, data, logger, save, start_step, last_step

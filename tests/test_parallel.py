@@ -24,7 +24,7 @@ COMMON = {
 
 def _final_params(tmp_path, name):
     root = tmp_path / "runs" / name / "checkpoints"
-    return checkpoint.load_train_state(checkpoint.latest_valid(root))["model"]
+    return checkpoint.read_full_state(checkpoint.latest_valid(root), "model")
 
 
 def _launch(tmp_path, nproc, name, **overrides):
