@@ -4,9 +4,12 @@ exact resume."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides, write_text_corpus
+from conftest import REPO, cli_env, run_cli, tiny_overrides, write_text_corpus
 
 from dist_train import checkpoint
 
@@ -28,11 +31,11 @@ GPT = {
 }
 
 
-def _launch(tmp_path, name, **overrides):
+def _launch(tmp_path, name, nproc=2, **overrides):
     paths = write_text_corpus(tmp_path / "corpus")
     values = {"run.name": name, "data.paths": json.dumps(paths), **GPT, **overrides}
     proc = run_cli(
-        "launch", "configs/gpt_cpu.yaml", "--nproc-per-node", "2", *tiny_overrides(tmp_path, **values), cwd=REPO
+        "launch", "configs/gpt_cpu.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(tmp_path, **values), cwd=REPO
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -102,3 +105,42 @@ def test_export_from_an_fsdp_checkpoint_reproduces_the_logits(tmp_path):
     assert load_file(str(bf16))["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
     missing = run_cli("export", str(run_dir), "--out", str(bf16), "--step", "99", cwd=REPO)
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: {run_dir} has no checkpoint for step 99"
+
+
+def _reload(tmp_path, source, nproc):
+    """The state a fresh FSDP model and optimizer on `nproc` ranks hold after loading `source`."""
+    out = tmp_path / f"reloaded_{nproc}.pt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    proc = subprocess.run(
+        [*command, "tests/reload_worker.py", str(source), str(out)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
+def test_a_checkpoint_reshards_onto_another_world_size(tmp_path, saved_on, resumed_on):
+    fsdp = {"parallel.strategy": "fsdp"}
+    _launch(tmp_path, "straight", **fsdp)  # 2 ranks x batch 4, uninterrupted
+    # The same global batch of 8 on one rank takes 2 micro-batches; on resume it adapts.
+    first = {"train.grad_accum_steps": 2} if saved_on == 1 else {}
+    _launch(tmp_path, "elastic", nproc=saved_on, **fsdp, **first, **{"train.stop_at_step": 2})
+    saved = checkpoint.latest_valid(tmp_path / "runs" / "elastic" / "checkpoints")
+
+    reloaded = _reload(tmp_path, saved, resumed_on)
+    for prefix in ("model", "optim"):
+        written = checkpoint.read_full_state(saved, prefix)
+        assert written.keys() == reloaded[prefix].keys()
+        for key, tensor in written.items():
+            assert torch.equal(reloaded[prefix][key], tensor), f"{prefix} {key}"
+
+    proc = _launch(tmp_path, "elastic", nproc=resumed_on, **fsdp)
+    assert f"written by {saved_on} processes, resumed on {resumed_on}" in proc.stdout
+    straight, resumed = _params(tmp_path, "straight"), _params(tmp_path, "elastic")
+    for key in straight:  # the same samples per step, only summed in another order
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
