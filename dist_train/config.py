@@ -109,6 +109,10 @@ class TrainConfig:
     eval_every: int = 100  # 0 disables evaluation except at the end
     eval_batches: int | None = None  # per rank; None evaluates the whole validation split
     progress_bar: bool = True  # rank 0, and only when attached to a terminal
+    # torch.compile each repeated block (the whole model if it names none); ddp and fsdp alike.
+    compile: bool = False
+    # Peak FLOP/s of one device in TFLOP/s for MFU; None looks the GPU up by name (bf16 dense).
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -120,6 +124,12 @@ class ParallelConfig:
     # all-gather in backward); and keep parameters and optimizer state in CPU memory.
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    # Recompute each block's activations in backward instead of keeping them: less memory,
+    # about one more forward of compute. Any strategy.
+    activation_checkpointing: bool = False
+    # fsdp with accumulation: reduce-scatter gradients after every micro-batch, so each rank
+    # keeps only its gradient shard between micro-batches (less memory, k times the traffic).
+    sync_every_micro_batch: bool = False
 
 
 @dataclass
@@ -427,6 +437,7 @@ def validate(cfg: Config) -> None:
     )
     require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     require(t.eval_batches is None or t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
+    require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", f"must be > 0, got {t.peak_tflops}")
     require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     if cfg.schedule.name == "onecycle" and t.max_steps is not None:
         require(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 
 import torch
@@ -63,6 +64,39 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return [s for s in stages if s is not None]
 
 
+def prepare_blocks(model: nn.Module, activation_checkpointing: bool, compile: bool) -> nn.Module:
+    """Per repeated block, in the order FSDP needs them: activation checkpointing, then
+    torch.compile. Both replace the block's forward, so parameter names (and checkpoints)
+    stay those of the plain model, and FSDP's hooks stay outside the compiled region."""
+    units = shard_units(model)
+    if not units and (activation_checkpointing or compile):
+        warnings.warn(
+            f"{type(model).__name__} names no repeated blocks: activation checkpointing is off"
+            + (", torch.compile applies to the whole model" if compile else ""),
+            stacklevel=2,
+        )
+        if compile:
+            model.forward = torch.compile(model.forward)
+        return model
+    for block in units:
+        forward = block.forward
+        if activation_checkpointing:
+            forward = _recomputed_in_backward(forward)
+        if compile:
+            forward = torch.compile(forward)
+        block.forward = forward
+    return model
+
+
+def _recomputed_in_backward(forward: Callable) -> Callable:
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpointed(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed
+
+
 class FSDP(SingleProcess):
     """FSDP2: each block is its own fully_shard unit, then the root; parameters are DTensors."""
 
@@ -94,8 +128,9 @@ class FSDP(SingleProcess):
         return model
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
-        # No reduce-scatter on non-final micro-batches; gradients accumulate unsharded locally.
-        model.set_requires_gradient_sync(enabled)
+        # By default no reduce-scatter on non-final micro-batches: unsharded gradients accumulate
+        # locally, trading memory for k-fold less traffic; sync_every_micro_batch trades back.
+        model.set_requires_gradient_sync(enabled or self.cfg.sync_every_micro_batch)
         return contextlib.nullcontext()
 
 

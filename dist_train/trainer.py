@@ -35,7 +35,7 @@ from dist_train.distributed import (
 from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler, load_scheduler_position
-from dist_train.parallel import build_strategy
+from dist_train.parallel import build_strategy, prepare_blocks
 
 
 class NonFiniteLossError(UserError):
@@ -85,7 +85,8 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
 
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
     data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
-    model = strategy.wrap(build_model(cfg.model, data.spec).to(env.device))
+    model = build_model(cfg.model, data.spec).to(env.device)
+    model = strategy.wrap(prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.train.compile))
     optimizer = build_optimizer(cfg.optim, model)
     last_step = total_steps(cfg.train.max_steps, cfg.train.max_epochs, data.train.steps_per_epoch)
     scheduler = build_scheduler(cfg.schedule, optimizer, last_step)

@@ -4,6 +4,7 @@ exact resume."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -54,12 +55,20 @@ def _losses(tmp_path, name):
 def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(tmp_path):
     _launch(tmp_path, "ddp", **{"parallel.strategy": "ddp"})
     _launch(tmp_path, "fsdp", **{"parallel.strategy": "fsdp"})
-    _launch(tmp_path, "fsdp_accum", **{"parallel.strategy": "fsdp", "data.batch_size": 2, "train.grad_accum_steps": 2})
-    ddp, fsdp, accum = (_params(tmp_path, n) for n in ("ddp", "fsdp", "fsdp_accum"))
-    assert ddp.keys() == fsdp.keys() and "blocks.0.attn.qkv.weight" in fsdp
+    accum = {"parallel.strategy": "fsdp", "data.batch_size": 2, "train.grad_accum_steps": 2}
+    _launch(tmp_path, "fsdp_accum", **accum)
+    # The memory-saving options change where work happens, not the numbers.
+    options = {"parallel.activation_checkpointing": True, "parallel.sync_every_micro_batch": True}
+    if shutil.which("cc"):  # torch.compile's CPU backend needs a C compiler
+        options["train.compile"] = True
+    _launch(tmp_path, "fsdp_options", **accum, **options)
+    runs = ("ddp", "fsdp", "fsdp_accum", "fsdp_options")
+    ddp, fsdp, accumulated, with_options = (_params(tmp_path, n) for n in runs)
+    assert ddp.keys() == fsdp.keys() == with_options.keys() and "blocks.0.attn.qkv.weight" in fsdp
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(accum[key], fsdp[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(accumulated[key], fsdp[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(with_options[key], fsdp[key], rtol=1e-4, atol=1e-5)
     for a, b in zip(_losses(tmp_path, "fsdp"), _losses(tmp_path, "ddp"), strict=True):
         assert abs(a - b) < 1e-4
 

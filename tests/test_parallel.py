@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 from conftest import REPO, run_cli, tiny_overrides
 
@@ -10,7 +13,7 @@ from dist_train.config import DataConfig, ModelConfig, ParallelConfig
 from dist_train.data import build_datasets
 from dist_train.distributed import DistEnv, seed_everything
 from dist_train.models import build_model
-from dist_train.parallel import DDP, SingleProcess, build_strategy
+from dist_train.parallel import DDP, SingleProcess, build_strategy, prepare_blocks
 
 COMMON = {
     "train.max_steps": 5,
@@ -102,3 +105,46 @@ def test_fsdp_needs_a_process_group_and_no_fp16():
     two = DistEnv(0, 0, 2, torch.device("cpu"))
     with pytest.raises(ConfigError, match="fp16 is not supported"):
         build_strategy(ParallelConfig(strategy="fsdp"), two, "fp16")
+
+
+def _tiny_gpt():
+    from dist_train.gpt import GPT
+
+    torch.manual_seed(0)
+    return GPT(vocab_size=64, context=16, n_layer=2, n_head=2, width=32)
+
+
+def _grads_and_saved_bytes(model, tokens):
+    """Gradients after one backward, and the bytes autograd kept for it between forward and backward."""
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        logits = model(tokens)
+    logits.float().logsumexp(-1).mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, sum(saved)
+
+
+def test_activation_checkpointing_keeps_gradients_and_saves_memory():
+    tokens = torch.randint(0, 64, (4, 16))
+    plain_grads, plain_bytes = _grads_and_saved_bytes(_tiny_gpt(), tokens)
+    checkpointed = prepare_blocks(_tiny_gpt(), activation_checkpointing=True, compile=False)
+    assert [n for n, _ in checkpointed.named_parameters()] == list(plain_grads)  # checkpoints still fit
+    grads, kept_bytes = _grads_and_saved_bytes(checkpointed, tokens)
+    for name, grad in plain_grads.items():
+        assert torch.equal(grads[name], grad), name
+    assert kept_bytes < 0.5 * plain_bytes
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile's CPU backend needs a C compiler (cc)")
+def test_compiled_blocks_match_eager():
+    tokens = torch.randint(0, 64, (4, 16))
+    eager_grads, _ = _grads_and_saved_bytes(_tiny_gpt(), tokens)
+    compiled = prepare_blocks(_tiny_gpt(), activation_checkpointing=True, compile=True)
+    grads, _ = _grads_and_saved_bytes(compiled, tokens)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
