@@ -32,6 +32,7 @@ from dist_train.distributed import (
     process_group,
     seed_everything,
 )
+from dist_train.efficiency import flops_per_token, mfu, param_and_optimizer_bytes, peak_flops
 from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler, load_scheduler_position
@@ -204,7 +205,8 @@ def _fit(
         return result
 
     tokens_per_sample = data.spec.input_shape[0] if len(data.spec.input_shape) == 1 else 0
-    throughput: dict[str, float] = {}
+    model_flops = flops_per_token(strategy.unwrap(model)) if tokens_per_sample else None
+    peak = peak_flops(device, t.peak_tflops)  # None on CPU: MFU is not reported there
     # Device-side accumulators, read only at logging time.
     loss_sum = torch.zeros((), device=device)
     first_bad_step = torch.full((), last_step + 1, dtype=torch.long, device=device)
@@ -254,9 +256,14 @@ def _fit(
             raise_if_nonfinite()
             loss_mean = all_reduce_sum(loss_sum.clone()) / (env.world_size * t.grad_accum_steps * steps_in_interval)
             elapsed = time.perf_counter() - interval_start
-            samples_per_s = data.global_batch * steps_in_interval / elapsed
+            speed = {"samples_per_s": data.global_batch * steps_in_interval / elapsed}
             if tokens_per_sample:
-                throughput = {"tokens_per_s": samples_per_s * tokens_per_sample}
+                speed["tokens_per_s"] = speed["samples_per_s"] * tokens_per_sample
+                if model_flops and peak:
+                    speed["mfu"] = mfu(speed["tokens_per_s"] / env.world_size, model_flops, peak)
+            memory = {"param_optim_mb": param_and_optimizer_bytes(model, optimizer) / 2**20}  # this rank's
+            if device.type == "cuda":
+                memory["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             logger.log(
                 step,
                 {
@@ -264,8 +271,8 @@ def _fit(
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": _full(grad_norm).item(),
                     "epoch": data.train.epoch,
-                    "samples_per_s": samples_per_s,
-                    **throughput,
+                    **speed,
+                    **memory,
                     "step_time": elapsed / steps_in_interval,
                     "data_wait_fraction": data_wait / elapsed,
                 },

@@ -93,6 +93,7 @@ def test_gpt_learns_below_the_unigram_baseline(tmp_path, monkeypatch):
             "train.max_steps": 60,
             "train.log_every": 20,
             "checkpoint.every_steps": 0,
+            "train.peak_tflops": 0.05,  # a made-up peak, so that MFU is reported on CPU
         },
     )
     cfg = load_config("configs/gpt_cpu.yaml", overrides)
@@ -103,4 +104,7 @@ def test_gpt_learns_below_the_unigram_baseline(tmp_path, monkeypatch):
     unigram_loss = -log_p[data.val.tokens.long()].mean().item()
     assert result.eval_metrics["val_loss"] < 0.7 * unigram_loss
     logged = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 32) for r in logged if "loss" in r)
+    flops = GPT(vocab_size=256, context=32, n_layer=2, n_head=2, width=32).flops_per_token()
+    for record in (r for r in logged if "loss" in r):
+        assert record["tokens_per_s"] == pytest.approx(record["samples_per_s"] * 32)
+        assert record["mfu"] == pytest.approx(record["tokens_per_s"] * flops / 0.05e12)

@@ -1,0 +1,61 @@
+"""What a step costs: model FLOPs utilization against the device's peak, and the memory each
+rank spends on parameters and optimizer state (what FSDP shards)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Dense bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched against
+# torch.cuda.get_device_name. Sparse figures are twice these; MFU conventions use dense.
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM; also the NVL figure per GPU
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A10G", 70.0),  # AWS g5
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """One device's peak FLOP/s: the configured figure, else the GPU's by name; None on CPU
+    or an unknown GPU, where MFU is not reported."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for marker, tflops in PEAK_BF16_TFLOPS:
+        if marker in name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(model: nn.Module) -> int | None:
+    """Training FLOPs per token for models that state them (GPT); None for the rest."""
+    count = getattr(model, "flops_per_token", None)
+    return count() if callable(count) else None
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: int, peak: float) -> float:
+    """Model FLOPs utilization: the FLOP/s the model's arithmetic needs at this throughput,
+    over the peak. Recomputation (activation checkpointing) does not count as useful work."""
+    return tokens_per_s_per_device * flops_per_token / peak
+
+
+def param_and_optimizer_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters and optimizer state this rank holds (its shards under FSDP)."""
+
+    def local_bytes(tensor: torch.Tensor) -> int:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return local.numel() * local.element_size()
+
+    params = sum(local_bytes(p) for p in model.parameters())
+    slots = (v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+    return params + sum(local_bytes(v) for v in slots)
