@@ -43,6 +43,8 @@ class Datasets:
     train_transform: Callable | None
     eval_transform: Callable | None
     spec: DataSpec
+    # The validation loss of a trivial predictor, for scale (text: byte frequencies of train).
+    baseline_val_loss: float | None = None
 
 
 # --------------------------------------------------------------------------- registry
@@ -204,7 +206,16 @@ def _text(cfg: DataConfig) -> Datasets:
     )
     if len(val) == 0:
         raise DataError(f"the validation files hold fewer than data.seq_len={cfg.seq_len} + 1 bytes")
-    return Datasets(train, val, None, None, DataSpec((cfg.seq_len,), 256))
+    baseline = unigram_loss(train.tokens, val.tokens)
+    return Datasets(train, val, None, None, DataSpec((cfg.seq_len,), 256), baseline)
+
+
+def unigram_loss(train_tokens: torch.Tensor, val_tokens: torch.Tensor) -> float:
+    """Cross-entropy (nats per token) on validation of predicting every byte by its training
+    frequency (add-one smoothed): what a model that ignores context achieves."""
+    counts = torch.bincount(train_tokens.long(), minlength=256).double() + 1
+    log_p = (counts / counts.sum()).log()
+    return -log_p[val_tokens.long()].mean().item()
 
 
 def build_datasets(cfg: DataConfig) -> Datasets:
@@ -350,6 +361,7 @@ class DataPipeline:
     val_loader: DataLoader
     spec: DataSpec
     global_batch: int
+    baseline_val_loss: float | None
 
 
 def build_pipeline(cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int) -> DataPipeline:
@@ -387,7 +399,9 @@ def build_pipeline(cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: i
     val_loader = DataLoader(
         val, batch_size=cfg.eval_batch_size, sampler=EvalShard(len(val), env.world_size, env.rank), **loader_kwargs
     )
-    return DataPipeline(TrainBatches(train_loader, sampler), val_loader, datasets.spec, global_batch)
+    return DataPipeline(
+        TrainBatches(train_loader, sampler), val_loader, datasets.spec, global_batch, datasets.baseline_val_loss
+    )
 
 
 def total_steps(max_steps: int | None, max_epochs: int | None, steps_per_epoch: int) -> int:

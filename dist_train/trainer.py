@@ -129,6 +129,8 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             f"({env.world_size} x {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation) "
             f"on {env.device}, {strategy.name}, {cfg.train.precision}"
         )
+        if data.baseline_val_loss is not None:
+            logger.message(f"baseline: val_loss={data.baseline_val_loss:.4g} predicting from token frequencies alone")
 
         def save(step: int) -> Path:
             train_state = {

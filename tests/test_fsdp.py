@@ -161,3 +161,14 @@ def test_a_checkpoint_reshards_onto_another_world_size(tmp_path, saved_on, resum
     straight, resumed = _params(tmp_path, "straight"), _params(tmp_path, "elastic")
     for key in straight:  # the same samples per step, only summed in another order
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
+
+
+def test_the_gpt_fsdp_config_learns_below_the_unigram_baseline(tmp_path):
+    # The shipped config on its default corpus (the standard library), shortened to 150 steps.
+    values = {"train.max_steps": 150, "train.log_every": 50, "checkpoint.every_steps": 0, "data.batch_size": 8}
+    overrides = tiny_overrides(tmp_path, **values)
+    proc = run_cli("launch", "configs/gpt_fsdp.yaml", "--nproc-per-node", "2", *overrides, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    baseline = float(proc.stdout.split("baseline: val_loss=")[1].split()[0])
+    final = [json.loads(line) for line in _metric_lines(tmp_path, "gpt_fsdp")][-1]
+    assert final["step"] == 150 and final["val_loss"] < 0.8 * baseline, (final, baseline)

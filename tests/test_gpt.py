@@ -102,6 +102,7 @@ def test_gpt_learns_below_the_unigram_baseline(tmp_path, monkeypatch):
     counts = torch.bincount(data.train.tokens.long(), minlength=256).double() + 1
     log_p = (counts / counts.sum()).log()
     unigram_loss = -log_p[data.val.tokens.long()].mean().item()
+    assert data.baseline_val_loss == pytest.approx(unigram_loss)
     assert result.eval_metrics["val_loss"] < 0.7 * unigram_loss
     logged = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     flops = GPT(vocab_size=256, context=32, n_layer=2, n_head=2, width=32).flops_per_token()
