@@ -114,7 +114,8 @@ class FSDP(SingleProcess):
         if self.handles_precision:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.cfg.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            # Pinned host memory speeds copies to a GPU and needs one.
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
         units = shard_units(model)
         if not units and self.env.is_main:
             warnings.warn(

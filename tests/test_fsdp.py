@@ -51,8 +51,12 @@ def _metric_lines(tmp_path, name="elastic"):
     return (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
 
 
+def _logged(tmp_path, name, key):
+    return [r[key] for r in map(json.loads, _metric_lines(tmp_path, name)) if key in r]
+
+
 def _losses(tmp_path, name):
-    return [r["loss"] for r in map(json.loads, _metric_lines(tmp_path, name)) if "loss" in r]
+    return _logged(tmp_path, name, "loss")
 
 
 def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(tmp_path):
@@ -61,7 +65,11 @@ def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(tmp_path):
     accum = {"parallel.strategy": "fsdp", "data.batch_size": 2, "train.grad_accum_steps": 2}
     _launch(tmp_path, "fsdp_accum", **accum)
     # The memory-saving options change where work happens, not the numbers.
-    options = {"parallel.activation_checkpointing": True, "parallel.sync_every_micro_batch": True}
+    options = {
+        "parallel.activation_checkpointing": True,
+        "parallel.sync_every_micro_batch": True,
+        "parallel.cpu_offload": True,
+    }
     if shutil.which("cc"):  # torch.compile's CPU backend needs a C compiler
         options["train.compile"] = True
     _launch(tmp_path, "fsdp_options", **accum, **options)
@@ -74,6 +82,9 @@ def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(tmp_path):
         torch.testing.assert_close(with_options[key], fsdp[key], rtol=1e-4, atol=1e-5)
     for a, b in zip(_losses(tmp_path, "fsdp"), _losses(tmp_path, "ddp"), strict=True):
         assert abs(a - b) < 1e-4
+    # Clipping (gpt_cpu.yaml clips at 1.0) sees the global norm of the sharded gradients.
+    for a, b in zip(_logged(tmp_path, "fsdp", "grad_norm"), _logged(tmp_path, "ddp", "grad_norm"), strict=True):
+        assert abs(a - b) < 1e-4 * b
 
 
 def test_fsdp_resume_is_bitwise_exact(tmp_path):
