@@ -204,3 +204,20 @@ def test_worker_processes_do_not_change_the_batches():
     with_workers = batches(2, {"epoch": 1, "samples_consumed": 64})
     for a, b in zip(in_process, with_workers, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_new_world_size_continues_the_epoch_with_every_sample_once():
+    # Segments of 2 -> 1 -> 2 ranks inside one epoch, the global batch kept at 12: together they
+    # consume exactly the samples one uninterrupted epoch would, none twice.
+    n, global_batch = 100, 12  # 8 global batches = 96 samples per epoch
+    consumed, position = [], 0
+    for world, steps in ((2, 3), (1, 2), (2, 3)):
+        for rank in range(world):
+            sampler = ResumableDistributedSampler(n, world, rank, seed=5, global_batch=global_batch)
+            sampler.set_epoch(0)
+            sampler.set_start(position)  # the global count a checkpoint stores
+            consumed += _indices(sampler)[: steps * global_batch // world]
+        position += steps * global_batch
+    uninterrupted = [i for r in range(2) for i in _indices(ResumableDistributedSampler(n, 2, r, 5, global_batch))]
+    assert len(consumed) == len(set(consumed)) == 96
+    assert set(consumed) == set(uninterrupted)
