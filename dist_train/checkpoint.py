@@ -254,7 +254,7 @@ RESUME_INVARIANTS = ("data.dataset", "model.name", "optim.name")
 def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> Config:
     """One-line errors for a resume that could not continue the same run; returns the config
     to resume with, whose accumulation keeps the global batch when the world size changed."""
-    saved, current = state["config"], to_dict(cfg)
+    saved, current = state["config"], to_dict(cfg)  # saved: the config as the user gave it
     for key in RESUME_INVARIANTS:
         section, name = key.split(".")
         if saved[section][name] != current[section][name]:
@@ -267,30 +267,27 @@ def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source
             f"checkpoint {source} was written with train.precision={saved['train']['precision']}, this run has "
             f"{cfg.train.precision}; switching to or from fp16 loses the loss-scaler state"
         )
-    saved_world, saved_batch = state["world_size"], saved["data"]["batch_size"]
-    saved_accum = saved["train"]["grad_accum_steps"]
-    if world_size == saved_world:
-        for key, before, now in (
-            ("data.batch_size", saved_batch, cfg.data.batch_size),
-            ("train.grad_accum_steps", saved_accum, cfg.train.grad_accum_steps),
-        ):
-            if before != now:
-                raise CheckpointError(
-                    f"checkpoint {source} was written with {key}={before}, this run has {now}; "
-                    "keep it or start a new run.name"
-                )
+    # The global batch fixes the epoch's step count, the data position and the LR schedule.
+    global_batch = state["global_batch"]
+    per_micro_batch = world_size * cfg.data.batch_size
+    if per_micro_batch * cfg.train.grad_accum_steps == global_batch:
         return cfg
-    # Elastic resume: the data position is a global sample count, so only the global batch
-    # (and with it the epoch's step count and the LR schedule) must stay the same.
-    global_batch = saved_world * saved_batch * saved_accum
-    per_step = world_size * cfg.data.batch_size
-    if global_batch % per_step:
+    for key, before, now in (
+        ("data.batch_size", saved["data"]["batch_size"], cfg.data.batch_size),
+        ("train.grad_accum_steps", saved["train"]["grad_accum_steps"], cfg.train.grad_accum_steps),
+    ):
+        if before != now:
+            raise CheckpointError(
+                f"checkpoint {source} was written with {key}={before}, this run has {now}, which changes the "
+                f"global batch of {global_batch}; keep it or start a new run.name"
+            )
+    # The same settings on another world size: accumulation makes up the global batch.
+    if global_batch % per_micro_batch:
         raise CheckpointError(
-            f"checkpoint {source} was written with a global batch of {global_batch} ({saved_world} processes x "
-            f"data.batch_size {saved_batch} x {saved_accum} accumulation); {world_size} processes x "
+            f"checkpoint {source} was written with a global batch of {global_batch}; {world_size} processes x "
             f"data.batch_size {cfg.data.batch_size} cannot make it up by accumulation"
         )
-    train = dataclasses.replace(cfg.train, grad_accum_steps=global_batch // per_step)
+    train = dataclasses.replace(cfg.train, grad_accum_steps=global_batch // per_micro_batch)
     return dataclasses.replace(cfg, train=train)
 
 

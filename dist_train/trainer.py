@@ -72,14 +72,13 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         resume_mode = "auto"  # torchrun restarted this very run after a failure: continue it
     resume_from = _on_rank0(env, lambda: checkpoint.resolve_resume(resume_mode, checkpoint_root))
 
-    state = None
+    state, user_cfg = None, cfg  # checkpoints record the config as given, cfg what runs
     if resume_from is not None:
         state = checkpoint.load_train_state(resume_from)
-        accum_before = cfg.train.grad_accum_steps
-        cfg = checkpoint.check_compatible(state, cfg, env.world_size, resume_from)
+        cfg = checkpoint.check_compatible(state, user_cfg, env.world_size, resume_from)
         world_change = (
             f"written by {state['world_size']} processes, resumed on {env.world_size}: train.grad_accum_steps "
-            f"{accum_before} -> {cfg.train.grad_accum_steps} keeps the global batch"
+            f"{cfg.train.grad_accum_steps} keeps the global batch of {state['global_batch']}"
             if state["world_size"] != env.world_size
             else ""
         )
@@ -140,7 +139,8 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
                 "data": data.train.state_dict(),
                 "wandb_run_id": wandb_run_id,
                 "world_size": env.world_size,
-                "config": to_dict(cfg),
+                "global_batch": data.global_batch,
+                "config": to_dict(user_cfg),
             }
             return checkpoint.save(
                 checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last

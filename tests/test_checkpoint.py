@@ -177,7 +177,8 @@ def test_a_stale_directory_from_a_crash_does_not_block_a_save(tmp_path):
 @pytest.mark.parametrize(
     "change, world, message",
     [
-        ({"data.batch_size": 32}, 2, "cannot make it up by accumulation"),
+        ({}, 3, "3 processes x data.batch_size 16 cannot make it up by accumulation"),
+        ({"data.batch_size": 32}, 2, "data.batch_size=16, this run has 32, which changes the global batch of 16"),
         ({"optim.name": "adam"}, 1, "optim.name=sgd, this run has adam"),
         ({"data.batch_size": 8}, 1, "data.batch_size=16, this run has 8"),
         ({"train.grad_accum_steps": 2}, 1, "train.grad_accum_steps=1, this run has 2"),
@@ -189,7 +190,7 @@ def test_resume_refuses_a_run_that_cannot_continue(change, world, message):
     from dist_train.config import load_config, to_dict
 
     base = ["data.batch_size=16", "train.max_steps=10"]
-    saved = {"world_size": 1, "config": to_dict(load_config("configs/digits.yaml", base))}
+    saved = {"world_size": 1, "global_batch": 16, "config": to_dict(load_config("configs/digits.yaml", base))}
     current = load_config("configs/digits.yaml", base + [f"{k}={v}" for k, v in change.items()])
     with pytest.raises(CheckpointError, match=message):
         checkpoint.check_compatible(saved, current, world, Path("ckpt"))
@@ -199,9 +200,18 @@ def test_a_new_world_size_keeps_the_global_batch_through_accumulation():
     from dist_train.config import load_config, to_dict
 
     base = ["data.batch_size=16", "train.max_steps=10", "train.grad_accum_steps=2"]
-    saved = {"world_size": 2, "config": to_dict(load_config("configs/digits.yaml", base))}  # global batch 64
+    user_config = to_dict(load_config("configs/digits.yaml", base))
+    saved = {"world_size": 2, "global_batch": 64, "config": user_config}
     current = load_config("configs/digits.yaml", base)
     assert checkpoint.check_compatible(saved, current, 1, Path("c")).train.grad_accum_steps == 4
     assert checkpoint.check_compatible(saved, current, 4, Path("c")).train.grad_accum_steps == 1
+    # Saved by that 1-rank resume (adapted to 4 micro-batches), resumed again with the same command.
+    again = {"world_size": 1, "global_batch": 64, "config": user_config}
+    assert checkpoint.check_compatible(again, current, 1, Path("c")).train.grad_accum_steps == 4
+    # A larger per-rank batch that keeps the global batch is fine without adaptation.
+    doubled = load_config("configs/digits.yaml", ["data.batch_size=32", "train.max_steps=10"])
+    assert checkpoint.check_compatible(saved, doubled, 2, Path("c")) is doubled
+    with pytest.raises(CheckpointError, match="changes the global batch of 64"):
+        checkpoint.check_compatible(saved, doubled, 1, Path("c"))
     strategy_change = load_config("configs/digits.yaml", base + ["parallel.strategy=fsdp"])
     assert checkpoint.check_compatible(saved, strategy_change, 2, Path("c")) is strategy_change
