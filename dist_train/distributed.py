@@ -57,6 +57,10 @@ def process_group() -> Iterator[DistEnv]:
         started_here = True
     try:
         yield DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+        if started_here:
+            # Leave together: gloo can abort a rank ("terminate called without an active
+            # exception") whose peer tore its connections down while it was still working.
+            dist.barrier()
     finally:
         if started_here and dist.is_initialized():
             dist.destroy_process_group()
