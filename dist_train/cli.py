@@ -25,10 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="workers on this node: a number or 'auto' (the visible GPUs, or 1 on CPU)",
     )
-    launch.add_argument("--nnodes", type=int, default=1)
-    launch.add_argument("--node-rank", type=int, default=0)
-    launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0, for several nodes")
-    launch.add_argument("--rdzv-id", default="dist_train", help="the same on every node of one job")
+    # Inside a multi-node SLURM srun step, the node flags default to the allocation's.
+    launch.add_argument("--nnodes", type=int, default=None, help="default 1, or the SLURM allocation's")
+    launch.add_argument("--node-rank", type=int, default=None, help="default 0, or SLURM_NODEID")
+    launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0 (SLURM: the first node)")
+    launch.add_argument("--rdzv-id", default=None, help="the same on every node of one job (SLURM: the job id)")
     launch.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
     export = sub.add_parser("export", help="write a checkpoint's full weights to a safetensors file")
     export.add_argument("run_dir", help="the run directory, e.g. runs/digits")
@@ -59,16 +60,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)  # validated before any worker starts
         if args.command == "launch":
-            from dist_train.launcher import LaunchOptions, launch
+            from dist_train.launcher import LaunchOptions, from_slurm, launch
 
-            opts = LaunchOptions(
-                args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_id, args.max_restarts
-            )
-            return launch(cfg, args.config, args.overrides, opts)
+            flags = {k: getattr(args, k) for k in ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")}
+            given = {k for k, v in flags.items() if v is not None}
+            opts = LaunchOptions(args.nproc_per_node, max_restarts=args.max_restarts, **{k: flags[k] for k in given})
+            return launch(cfg, args.config, args.overrides, from_slurm(opts, given, os.environ))
+        from dist_train.preemption import PREEMPTED_EXIT_CODE
         from dist_train.trainer import train
 
-        train(cfg)
-        return 0
+        stopped_early = train(cfg).stopped_by is not None
+        under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # then the launcher reports it
+        return PREEMPTED_EXIT_CODE if stopped_early and not under_torchrun else 0
     except UserError as exc:
         rank = os.environ.get("RANK")
         prefix = (

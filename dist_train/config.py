@@ -137,6 +137,9 @@ class CheckpointConfig:
     every_steps: int = 100  # 0 saves only at the end
     keep_last: int = 3
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+    # On this signal (as on SIGTERM) every rank finishes its optimizer step, one checkpoint is
+    # saved and the job exits 75 to be requeued; SLURM sends it with --signal=B:USR1@SECONDS.
+    preempt_signal: str = "SIGUSR1"
 
 
 @dataclass
@@ -168,6 +171,9 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
 
+
+# Signals a process can catch that schedulers use to announce an end (not SIGKILL or SIGSTOP).
+PREEMPT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGXCPU")
 
 # --------------------------------------------------------------------------- loading
 
@@ -437,6 +443,11 @@ def validate(cfg: Config) -> None:
     )
     require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     require(t.eval_batches is None or t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
+    require(
+        cfg.checkpoint.preempt_signal in PREEMPT_SIGNALS,
+        "checkpoint.preempt_signal",
+        f"must be one of {', '.join(PREEMPT_SIGNALS)}, got {cfg.checkpoint.preempt_signal!r}",
+    )
     require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", f"must be > 0, got {t.peak_tflops}")
     require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     if cfg.schedule.name == "onecycle" and t.max_steps is not None:

@@ -7,15 +7,23 @@ never behaves differently from the command it prints.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import shlex
+import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
 
 import torch
 
-from dist_train import checkpoint
+from dist_train import checkpoint, slurm
 from dist_train.config import Config, UserError
 from dist_train.parallel import check_world_size
+from dist_train.preemption import PREEMPTED_EXIT_CODE, STOPPED_MARKER
 
 
 @dataclass
@@ -26,6 +34,20 @@ class LaunchOptions:
     rdzv_endpoint: str | None = None  # HOST:PORT of node 0; needed when nnodes > 1
     rdzv_id: str = "dist_train"
     max_restarts: int = 0
+
+
+def from_slurm(opts: LaunchOptions, given: set[str], environ: Mapping[str, str]) -> LaunchOptions:
+    """Fill what the user did not give (`given`: field names) from the SLURM step, if any."""
+    step = slurm.detect(environ)
+    if step is None or step.nnodes == 1:
+        return opts  # one node: a private standalone rendezvous cannot collide with other jobs
+    found = {
+        "nnodes": step.nnodes,
+        "node_rank": step.node_rank,
+        "rdzv_endpoint": step.rdzv_endpoint,
+        "rdzv_id": f"slurm-{step.job_id}",
+    }
+    return dataclasses.replace(opts, **{k: v for k, v in found.items() if k not in given})
 
 
 def resolve_nproc(value: str) -> int:
@@ -93,13 +115,49 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # torchrun handles SIGTERM, SIGINT, SIGHUP and SIGQUIT itself; a SIGUSR1 warning would kill it.
+    forward = signal.Signals[cfg.checkpoint.preempt_signal]
+    if forward not in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(forward, _forward_to_workers)
     try:
         run(get_args_parser().parse_args(cmd[3:]))
     except SignalException as exc:  # SIGTERM/SIGINT/SIGHUP: torchrun has already stopped the workers
+        if _stopped_early(cfg):  # they had time to checkpoint: resumable, as after the warning signal
+            return PREEMPTED_EXIT_CODE
         print(f"launch: stopped by {exc.sigval.name}; the workers were shut down", file=sys.stderr)
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = min(exc.failures.items())
         print(f"error: worker rank {rank} exited with code {failure.exitcode}; its message is above", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
-    return 0
+    return PREEMPTED_EXIT_CODE if _stopped_early(cfg) else 0
+
+
+def _stopped_early(cfg: Config) -> bool:
+    marker = cfg.run_dir / STOPPED_MARKER
+    if not marker.is_file():
+        return False
+    print(
+        f"launch: the workers saved a checkpoint and stopped early ({marker.read_text().strip()}); "
+        f"exit {PREEMPTED_EXIT_CODE}: the same command continues the run",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _forward_to_workers(signum: int, frame: FrameType | None) -> None:
+    """Pass a signal on to the worker processes (torchrun starts them as our children)."""
+    for pid in _child_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _child_pids() -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):  # Linux; elsewhere nothing is forwarded
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its last ")".
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid():
+                children.append(int(stat.parent.name))
+    return children

@@ -8,6 +8,7 @@ read only every `train.log_every` steps and before a checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from contextlib import AbstractContextManager as ContextManager
@@ -37,6 +38,7 @@ from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler, load_scheduler_position
 from dist_train.parallel import build_strategy, prepare_blocks
+from dist_train.preemption import STOPPED_MARKER, StopRequest
 
 
 class NonFiniteLossError(UserError):
@@ -48,6 +50,7 @@ class TrainResult:
     step: int
     eval_metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
+    stopped_by: str | None = None  # the signal that ended the run early, after a checkpoint
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:
@@ -109,6 +112,7 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
 
     def open_run_dir() -> RunLogger:
         _make_dir(run_dir)  # only now: a failed start leaves nothing behind
+        (run_dir / STOPPED_MARKER).unlink(missing_ok=True)  # from an earlier early stop
         # After a rewind to an older checkpoint, newer ones belong to the abandoned future:
         # moved aside (not deleted), so `resume: auto` and pruning never mistake them for ours.
         for path in checkpoint.set_aside_newer(checkpoint_root, start_step):
@@ -142,13 +146,15 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
                 "global_batch": data.global_batch,
                 "config": to_dict(user_cfg),
             }
-            return checkpoint.save(
-                checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last
-            )
+            return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
 
-        result = _fit(
-            cfg, env, model, strategy, optimizer, scheduler, scaler, data, logger, save, start_step, last_step
-        )
+        with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"]) as stop:
+            result = _fit(
+                cfg, env, model, strategy, optimizer, scheduler, scaler, data, logger, save, stop, start_step, last_step
+            )
+        if result.stopped_by and env.is_main:
+            marker = {"step": result.step, "signal": result.stopped_by, "checkpoint": str(result.checkpoint)}
+            (run_dir / STOPPED_MARKER).write_text(json.dumps(marker) + "\n")
         failed = False
         return result
     finally:
@@ -193,6 +199,7 @@ def _fit(
     data: DataPipeline,
     logger: RunLogger,
     save,
+    stop: StopRequest,
     start_step: int,
     last_step: int,
 ) -> TrainResult:
@@ -242,7 +249,8 @@ def _fit(
                 torch.isfinite(loss.detach()), first_bad_step, torch.clamp(first_bad_step, max=step)
             )
 
-        log_now = step % t.log_every == 0 or step == end_step
+        stop_signal = stop.poll()  # the same answer on every rank
+        log_now = step % t.log_every == 0 or step == end_step or stop_signal is not None
         grad_norm = None
         if t.clip_grad_norm is not None or log_now:
             scaler.unscale_(optimizer)  # clip and report the true gradient, not the fp16-scaled one
@@ -283,14 +291,15 @@ def _fit(
             interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
         pause_start = time.perf_counter()  # evaluation and saving do not count as training time
-        if (t.eval_every and step % t.eval_every == 0) or step == end_step:
+        if ((t.eval_every and step % t.eval_every == 0) or step == end_step) and stop_signal is None:
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
             result.eval_metrics = evaluate(strategy.unwrap(model), data.val_loader, device, amp, t.eval_batches)
             logger.log(step, result.eval_metrics)
             model.train()
 
-        if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == end_step:
+        checkpoint_due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        if checkpoint_due or step == end_step or stop_signal is not None:
             # A finite loss can still come with an update that made the weights non-finite.
             weights_ok = torch.stack([_local(p.detach()).isfinite().all() for p in params]).all()
             first_bad_step = torch.where(weights_ok, first_bad_step, torch.clamp(first_bad_step, max=step))
@@ -298,6 +307,10 @@ def _fit(
             result.checkpoint = save(step)
         interval_start += time.perf_counter() - pause_start
         result.step = step
+        if stop_signal is not None and step < end_step:
+            logger.message(f"stopped at step {step} on {stop_signal}, checkpoint saved; the same command continues")
+            result.stopped_by = stop_signal
+            break
     return result
 
 

@@ -25,7 +25,7 @@ TORCHRUN_VARS = (
 @pytest.fixture(autouse=True)
 def no_torchrun_env(monkeypatch):
     """Tests run single-process unless they start torchrun themselves."""
-    for var in TORCHRUN_VARS:
+    for var in [*TORCHRUN_VARS, *(v for v in os.environ if v.startswith("SLURM_"))]:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     yield
@@ -37,7 +37,7 @@ def no_torchrun_env(monkeypatch):
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("SLURM_")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["WANDB_SILENT"] = "true"
     env.setdefault("OMP_NUM_THREADS", "1")

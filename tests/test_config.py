@@ -366,6 +366,8 @@ def test_quoted_number_in_yaml_for_a_float_field_is_accepted(tmp_path):
         (["train.grad_accum_steps=0"], "train.grad_accum_steps"),
         (["train.clip_grad_norm=0"], "train.clip_grad_norm"),
         (["train.clip_grad_norm=-1"], "train.clip_grad_norm"),
+        (["checkpoint.preempt_signal=SIGKILL"], "checkpoint.preempt_signal"),
+        (["train.peak_tflops=0"], "train.peak_tflops"),
         (["train.log_every=0"], "train.log_every"),
         (["train.eval_every=-1"], "train.eval_every"),
         (["parallel.bucket_cap_mb=0"], "parallel.bucket_cap_mb"),

@@ -285,27 +285,32 @@ def test_launch_mistake_only_a_worker_sees_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: worker rank 0 exited with code 2; its message is above"
 
 
-def test_sigterm_to_launch_stops_the_workers_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_to_launch_checkpoints_exits_75_and_the_same_command_continues(tmp_path, sig):
+    import json
     import subprocess
     import time
 
     from conftest import cli_env
 
-    overrides = tiny_overrides(tmp_path, **{"train.max_steps": 100000, "checkpoint.every_steps": 0})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dist_train.cli", "launch", CONFIG, "--nproc-per-node", "2", *overrides],
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "runs" / "digits" / "metrics.jsonl"
+    overrides = tiny_overrides(tmp_path, **{"train.max_steps": 1000, "checkpoint.every_steps": 0})
+    command = [sys.executable, "-m", "dist_train.cli", "launch", CONFIG, "--nproc-per-node", "2", *overrides]
+    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs" / "digits"
     deadline = time.monotonic() + 120
-    while not metrics.is_file() and time.monotonic() < deadline:  # wait until the workers train
+    while not (run_dir / "metrics.jsonl").is_file() and time.monotonic() < deadline:  # wait until they train
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 75, err[-3000:]
     assert "Traceback" not in err, err
-    assert "launch: stopped by SIGTERM" in err
+    stopped = json.loads((run_dir / "stopped_early.json").read_text())
+    assert stopped["signal"] == sig.name and 0 < stopped["step"] < 1000
+    assert f"stopped at step {stopped['step']} on {sig.name}" in out
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [f"step_{stopped['step']:08d}"]
+
+    again = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at step {stopped['step']}" in again.stdout
+    assert not (run_dir / "stopped_early.json").exists()
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints")[-1].name == "step_00001000"

@@ -219,3 +219,17 @@ def test_metrics_file_survives_a_torn_line_and_a_fresh_start(tmp_path):
         (path / "manifest.json").unlink()
     _run(tmp_path, **{"train.max_steps": 2})
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 2]
+
+
+def test_a_stop_signal_ends_a_single_process_run_with_a_checkpoint(tmp_path):
+    import os
+    import signal
+
+    from dist_train.preemption import StopRequest
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    with StopRequest(["SIGUSR1", "SIGTERM"]) as stop:
+        assert stop.poll() is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled: only a flag is set
+        assert stop.poll() == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored after training
