@@ -147,17 +147,17 @@ def _stopped_early(cfg: Config) -> bool:
 
 def _forward_to_workers(signum: int, frame: FrameType | None) -> None:
     """Pass a signal on to the worker processes (torchrun starts them as our children)."""
-    for pid in _child_pids():
+    for pid in child_pids(os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
 
-def _child_pids() -> list[int]:
+def child_pids(parent: int) -> list[int]:
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):  # Linux; elsewhere nothing is forwarded
         with contextlib.suppress(OSError, ValueError, IndexError):
             # "pid (comm) state ppid ...": comm may hold spaces, so split after its last ")".
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == os.getpid():
+            if ppid == parent:
                 children.append(int(stat.parent.name))
     return children

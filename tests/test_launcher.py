@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import signal
 import sys
@@ -314,3 +316,44 @@ def test_a_stop_signal_to_launch_checkpoints_exits_75_and_the_same_command_conti
     assert f"at step {stopped['step']}" in again.stdout
     assert not (run_dir / "stopped_early.json").exists()
     assert checkpoint.list_checkpoints(run_dir / "checkpoints")[-1].name == "step_00001000"
+
+
+def test_a_killed_worker_is_restarted_and_the_run_finishes_as_if_uninterrupted(tmp_path):
+    import subprocess
+    import time
+
+    from conftest import cli_env
+
+    def command(name, *extra):
+        values = {"run.name": name, "train.max_steps": 1500, "train.log_every": 10, "checkpoint.every_steps": 100}
+        overrides = tiny_overrides(tmp_path, **values, **{"parallel.strategy": "ddp"})
+        return [sys.executable, "-m", "dist_train.cli", "launch", CONFIG, "--nproc-per-node", "2", *extra, *overrides]
+
+    straight = subprocess.run(command("straight"), cwd=REPO, env=cli_env(), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        command("crashed", "--max-restarts", "1"),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = tmp_path / "runs" / "crashed" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not checkpoint.list_checkpoints(checkpoints) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = launcher.child_pids(proc.pid)
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)  # one worker dies mid-run, as on an OOM kill or a hardware fault
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    resumed = re.search(r"resumed from \S+step_(\d{8}) at step", out)
+    assert resumed and 0 < int(resumed.group(1)) < 1500, out[-3000:]
+
+    final = {}
+    for name in ("straight", "crashed"):
+        final[name] = checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / name / "checkpoints"))
+    for key, tensor in final["straight"].items():
+        assert torch.equal(final["crashed"][key], tensor), key
