@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from conftest import REPO, run_cli, tiny_overrides
 
 from dist_train import checkpoint
-from dist_train.config import DataConfig, ModelConfig, ParallelConfig
+from dist_train.config import DataConfig, ModelConfig, ParallelConfig, load_config
 from dist_train.data import build_datasets
 from dist_train.distributed import DistEnv, seed_everything
 from dist_train.models import build_model
@@ -148,3 +149,30 @@ def test_compiled_blocks_match_eager():
     assert grads.keys() == eager_grads.keys()
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+def test_an_epoch_split_over_2_then_1_then_2_ranks_sees_every_sample_once(tmp_path):
+    # 256 synthetic samples, global batch 16 (2 x 8, or 1 x 8 x 2 accumulation): 16 steps per
+    # epoch. Three invocations on 2, 1 and 2 processes stop at steps 5 and 11 and end at 16.
+    record = tmp_path / "record"
+    record.mkdir()
+    common = {
+        "data.dataset": "synthetic",
+        "data.synthetic_size": 256,
+        "data.batch_size": 8,
+        "model.name": "tests.user_models:recording_linear",
+        "model.kwargs": json.dumps({"record_dir": str(record)}),
+        "train.max_steps": 16,
+        "checkpoint.every_steps": 0,
+    }
+    for nproc, stop in ((2, 5), (1, 11), (2, None)):
+        values = {**COMMON, **common, "train.stop_at_step": stop}
+        overrides = tiny_overrides(tmp_path, **values)
+        proc = run_cli("launch", "configs/digits.yaml", "--nproc-per-node", str(nproc), *overrides, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written by 1 processes, resumed on 2" in proc.stdout
+
+    cfg = load_config("configs/digits.yaml", tiny_overrides(tmp_path, **common))
+    index_of = {repr(x.flatten()[0].item()): i for i, (x, _) in enumerate(build_datasets(cfg.data).train)}
+    seen = [index_of[line] for file in sorted(record.iterdir()) for line in file.read_text().split()]
+    assert sorted(seen) == list(range(256))  # every sample of the epoch exactly once

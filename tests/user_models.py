@@ -32,3 +32,26 @@ def sqrt_of_zero(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Modu
 
 def wrong_signature(width: int) -> nn.Module:
     return nn.Linear(width, width)
+
+
+class _Recording(nn.Module):
+    """Appends the first value of every training input to record_dir/rank{RANK}.txt: which
+    samples each rank consumed, for tests of data coverage across resumes."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], record_dir: str) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.linear = nn.Linear(c * h * w, num_classes)
+        self.record_dir = record_dir
+
+    def forward(self, x):
+        if self.training:
+            import os
+
+            with open(f"{self.record_dir}/rank{os.environ.get('RANK', '0')}.txt", "a") as f:
+                f.writelines(f"{v!r}\n" for v in x.flatten(1)[:, 0].tolist())
+        return self.linear(x.flatten(1))
+
+
+def recording_linear(num_classes: int, input_shape: tuple[int, int, int], record_dir: str) -> nn.Module:
+    return _Recording(num_classes, input_shape, record_dir)
