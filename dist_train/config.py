@@ -105,6 +105,10 @@ class TrainConfig:
     grad_accum_steps: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     clip_grad_norm: float | None = None
+    # A NaN/Inf loss or gradient: `error` stops the run naming the step (the last good checkpoint
+    # is kept); `skip` drops that update on every rank, counts it and trains on (one host
+    # sync per step to agree on it).
+    nonfinite: Literal["error", "skip"] = "error"
     log_every: int = 10
     eval_every: int = 100  # 0 disables evaluation except at the end
     eval_batches: int | None = None  # per rank; None evaluates the whole validation split

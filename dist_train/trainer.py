@@ -217,7 +217,8 @@ def _fit(
     model_flops = flops_per_token(strategy.unwrap(model)) if tokens_per_sample else None
     peak = peak_flops(device, t.peak_tflops)  # None on CPU: MFU is not reported there
     # Device-side accumulators, read only at logging time.
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, step_loss = torch.zeros((), device=device), torch.zeros((), device=device)
+    skip_nonfinite, update, steps_counted, skipped_steps = t.nonfinite == "skip", True, 0, 0
     first_bad_step = torch.full((), last_step + 1, dtype=torch.long, device=device)
     interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
@@ -244,27 +245,36 @@ def _fit(
                 # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
                 # the accumulation count makes the summed gradient that of one big batch.
                 scaler.scale(loss / t.grad_accum_steps).backward()
-            loss_sum += loss.detach()
-            first_bad_step = torch.where(
-                torch.isfinite(loss.detach()), first_bad_step, torch.clamp(first_bad_step, max=step)
-            )
+            step_loss += loss.detach()
 
         stop_signal = stop.poll()  # the same answer on every rank
         log_now = step % t.log_every == 0 or step == end_step or stop_signal is not None
         grad_norm = None
-        if t.clip_grad_norm is not None or log_now:
+        if t.clip_grad_norm is not None or log_now or skip_nonfinite:
             scaler.unscale_(optimizer)  # clip and report the true gradient, not the fp16-scaled one
             max_norm = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
             grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
-        scaler.step(optimizer)
+        if skip_nonfinite:
+            # Every rank must skip the same steps: agreed at the cost of one host sync per step.
+            finite = torch.isfinite(step_loss) & torch.isfinite(_full(grad_norm))
+            update = bool(all_reduce_min(finite.to(torch.int32)).item())
+        else:
+            first_bad_step = torch.where(torch.isfinite(step_loss), first_bad_step, first_bad_step.clamp(max=step))
+        if update:
+            scaler.step(optimizer)
+            loss_sum += step_loss
+            steps_counted += 1
+        else:
+            skipped_steps += 1
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()  # once per optimizer step, never per micro-batch
+        step_loss.zero_()
         steps_in_interval += 1
 
         if log_now:
             raise_if_nonfinite()
-            loss_mean = all_reduce_sum(loss_sum.clone()) / (env.world_size * t.grad_accum_steps * steps_in_interval)
+            loss_mean = all_reduce_sum(loss_sum.clone()) / (env.world_size * t.grad_accum_steps * steps_counted)
             elapsed = time.perf_counter() - interval_start
             speed = {"samples_per_s": data.global_batch * steps_in_interval / elapsed}
             if tokens_per_sample:
@@ -281,6 +291,7 @@ def _fit(
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": _full(grad_norm).item(),
                     "epoch": data.train.epoch,
+                    **({"skipped_steps": skipped_steps} if skip_nonfinite else {}),
                     **speed,
                     **memory,
                     "step_time": elapsed / steps_in_interval,
@@ -288,7 +299,7 @@ def _fit(
                 },
             )
             loss_sum.zero_()
-            interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
+            interval_start, data_wait, steps_in_interval, steps_counted = time.perf_counter(), 0.0, 0, 0
 
         pause_start = time.perf_counter()  # evaluation and saving do not count as training time
         if ((t.eval_every and step % t.eval_every == 0) or step == end_step) and stop_signal is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -233,3 +234,24 @@ def test_a_stop_signal_ends_a_single_process_run_with_a_checkpoint(tmp_path):
         os.kill(os.getpid(), signal.SIGUSR1)  # handled: only a flag is set
         assert stop.poll() == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored after training
+
+
+def test_nonfinite_skip_drops_the_bad_updates_on_every_rank_and_trains_on(tmp_path):
+    common = {
+        "data.dataset": "synthetic",
+        "data.synthetic_shape": "[1, 4, 4]",
+        "data.synthetic_size": 512,
+        "model.name": "user_models:nan_on_outliers",
+        "train.max_steps": 40,
+        "train.log_every": 40,
+    }
+    with pytest.raises(NonFiniteLossError, match="at step"):
+        _run(tmp_path / "error", **common)
+    cfg, result = _run(tmp_path / "skip", **common, **{"train.nonfinite": "skip"})
+    assert result.step == 40
+    logged = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["skipped_steps"] for r in logged if "skipped_steps" in r][-1]
+    assert 0 < skipped < 40  # batches with an input value above 2 give NaN; the others train
+    assert all(math.isfinite(r["loss"]) for r in logged if "loss" in r)  # the mean of the updates taken
+    params = checkpoint.read_full_state(result.checkpoint, "model")
+    assert all(torch.isfinite(t).all() for t in params.values())
