@@ -134,6 +134,9 @@ class ParallelConfig:
     # fsdp with accumulation: reduce-scatter gradients after every micro-batch, so each rank
     # keeps only its gradient shard between micro-batches (less memory, k times the traffic).
     sync_every_micro_batch: bool = False
+    # A collective that waits this long for a rank (hung, dead, or far slower) fails with a
+    # message naming the step and the silent ranks, instead of hanging the job.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -451,6 +454,11 @@ def validate(cfg: Config) -> None:
         cfg.checkpoint.preempt_signal in PREEMPT_SIGNALS,
         "checkpoint.preempt_signal",
         f"must be one of {', '.join(PREEMPT_SIGNALS)}, got {cfg.checkpoint.preempt_signal!r}",
+    )
+    require(
+        cfg.parallel.collective_timeout_s > 0,
+        "parallel.collective_timeout_s",
+        f"must be > 0, got {cfg.parallel.collective_timeout_s}",
     )
     require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", f"must be > 0, got {t.peak_tflops}")
     require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")

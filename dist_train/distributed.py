@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,8 +40,9 @@ def read_env() -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def process_group() -> Iterator[DistEnv]:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and always leave it."""
+def process_group(timeout_s: float = 600.0) -> Iterator[DistEnv]:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and always leave it.
+    A collective that waits longer than timeout_s for a peer fails instead of hanging."""
     rank, local_rank, world_size = read_env()
     if torch.cuda.is_available():
         # One GPU per local rank; wraps around only if the user starts more workers than GPUs.
@@ -53,7 +56,8 @@ def process_group() -> Iterator[DistEnv]:
     started_here = False
     if under_torchrun and not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
         started_here = True
     try:
         yield DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
@@ -109,3 +113,20 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def is_timeout(exc: BaseException | str) -> bool:
+    """Whether a backend error is a collective that gave up waiting (gloo and NCCL wording)."""
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def unresponsive_ranks(group, timeout_s: float) -> list[int] | None:
+    """After a timeout: the ranks that do not reach a barrier on a healthy gloo `group` within
+    timeout_s. Known on rank 0 only (None elsewhere, or where the barrier cannot tell)."""
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as exc:
+        found = re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(exc))
+        return [int(r) for r in found.group(1).replace(",", " ").split()] if found else None
+    return [] if dist.get_rank(group) == 0 else None

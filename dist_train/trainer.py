@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -30,8 +32,10 @@ from dist_train.distributed import (
     all_reduce_sum,
     broadcast_buffers,
     broadcast_object,
+    is_timeout,
     process_group,
     seed_everything,
+    unresponsive_ranks,
 )
 from dist_train.efficiency import flops_per_token, mfu, param_and_optimizer_bytes, peak_flops
 from dist_train.logger import RunLogger, new_wandb_run_id
@@ -62,7 +66,7 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
 
 
 def train(cfg: Config) -> TrainResult:
-    with process_group() as env:
+    with process_group(cfg.parallel.collective_timeout_s) as env:
         return _train(cfg, env)
 
 
@@ -149,9 +153,26 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
 
         with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"]) as stop:
-            result = _fit(
-                cfg, env, model, strategy, optimizer, scheduler, scaler, data, logger, save, stop, start_step, last_step
-            )
+            try:
+                result = _fit(
+                    cfg,
+                    env,
+                    model,
+                    strategy,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    data,
+                    logger,
+                    save,
+                    stop,
+                    start_step,
+                    last_step,
+                )
+            except (RuntimeError, dist.DistError) as exc:
+                if not (env.is_distributed and is_timeout(exc)):
+                    raise
+                raise _timeout_error(exc, cfg.parallel.collective_timeout_s, stop.group) from None
         if result.stopped_by and env.is_main:
             marker = {"step": result.step, "signal": result.stopped_by, "checkpoint": str(result.checkpoint)}
             (run_dir / STOPPED_MARKER).write_text(json.dumps(marker) + "\n")
@@ -159,6 +180,21 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         return result
     finally:
         logger.close(exit_code=1 if failed else 0)
+
+
+class CollectiveTimeoutError(UserError):
+    pass
+
+
+def _timeout_error(exc: BaseException, timeout_s: float, healthy_group) -> CollectiveTimeoutError:
+    first = next((line.strip() for line in str(exc).splitlines() if is_timeout(line)), str(exc)[:200])
+    backend_says = re.sub(r"^\[[^\]]*\]\s*", "", first)  # drop gloo's "[source/file.cc:78]" prefix
+    silent = unresponsive_ranks(healthy_group, min(timeout_s, 30.0))
+    who = f"rank(s) {', '.join(map(str, silent))} did not respond" if silent else "another rank stopped participating"
+    return CollectiveTimeoutError(
+        f"a collective timed out after {timeout_s:g} s ({backend_says}); {who}: hung, dead or far slower. "
+        "parallel.collective_timeout_s sets the limit"
+    )
 
 
 def _make_dir(path: Path) -> None:

@@ -176,3 +176,23 @@ def test_an_epoch_split_over_2_then_1_then_2_ranks_sees_every_sample_once(tmp_pa
     index_of = {repr(x.flatten()[0].item()): i for i, (x, _) in enumerate(build_datasets(cfg.data).train)}
     seen = [index_of[line] for file in sorted(record.iterdir()) for line in file.read_text().split()]
     assert sorted(seen) == list(range(256))  # every sample of the epoch exactly once
+
+
+def test_a_rank_that_stops_participating_fails_the_others_within_the_timeout(tmp_path):
+    import time
+
+    values = {
+        **COMMON,
+        "model.name": "tests.user_models:sleepy_rank",
+        "model.kwargs": json.dumps({"seconds": 20}),
+        "train.max_steps": 10,
+        "parallel.collective_timeout_s": 3,
+    }
+    start = time.monotonic()
+    proc = run_cli(
+        "launch", "configs/digits.yaml", "--nproc-per-node", "2", *tiny_overrides(tmp_path, **values), cwd=REPO
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error (rank 0): a collective timed out after 3 s" in proc.stderr, proc.stderr[-3000:]
+    assert "rank(s) 1 did not respond" in proc.stderr
+    assert time.monotonic() - start < 60  # not hung: the timeout and torchrun's shutdown, no more

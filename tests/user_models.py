@@ -73,3 +73,26 @@ class _NanOnOutliers(nn.Module):
 
 def nan_on_outliers(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
     return _NanOnOutliers(num_classes, input_shape)
+
+
+class _SleepyRank(nn.Module):
+    """Rank 1 sleeps in its 3rd training forward: a hung rank, for collective-timeout tests."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], seconds: float) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.linear = nn.Linear(c * h * w, num_classes)
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x):
+        import os
+        import time
+
+        self.calls += self.training
+        if self.training and self.calls == 3 and os.environ.get("RANK") == "1":
+            time.sleep(self.seconds)
+        return self.linear(x.flatten(1))
+
+
+def sleepy_rank(num_classes: int, input_shape: tuple[int, int, int], seconds: float = 30.0) -> nn.Module:
+    return _SleepyRank(num_classes, input_shape, seconds)
