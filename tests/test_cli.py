@@ -241,3 +241,73 @@ def test_resume_never_refuses_an_existing_run(tiny_run):
     proc = run_cli("train", "configs/digits.yaml", *overrides, cwd=REPO)
     assert_one_line_error(proc, "checkpoint.resume=never", "step_00000006")
     assert _tree(run_dir) == before  # checkpoints, config.yaml and metrics.jsonl byte-identical
+
+
+# --------------------------------------------------------------------------- the rest of the bad-input battery
+
+
+@pytest.mark.parametrize(
+    "data, needles",
+    [
+        ({"data.dataset": "image_folder", "data.root": "/does/not/exist"}, ("data.root=/does/not/exist",)),
+        ({"data.dataset": "image_folder", "data.root": "{empty}"}, ("holds no usable images",)),
+        ({"data.dataset": "text", "data.paths": "['{empty}/*.txt']"}, ("matched no files",)),
+    ],
+    ids=["path-missing", "folder-empty", "text-glob-empty"],
+)
+def test_missing_or_empty_dataset_is_one_line(tmp_path, data, needles):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    values = {k: v.replace("{empty}", str(empty)) for k, v in data.items()}
+    proc = _cli_in(tmp_path, "train", DIGITS, *tiny_overrides(tmp_path, **values))
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "runs").exists()
+
+
+def _copy_checkpoint(tiny_run, tmp_path) -> Path:
+    import shutil
+
+    root, proc = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    return Path(shutil.copytree(root / "runs" / "digits" / "checkpoints" / "step_00000006", tmp_path / "ckpt"))
+
+
+def test_a_checkpoint_from_a_newer_format_is_one_line(tiny_run, tmp_path):
+    ckpt = _copy_checkpoint(tiny_run, tmp_path)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["format_version"] += 1
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    proc = _cli_in(tmp_path, "train", DIGITS, *tiny_overrides(tmp_path, **{"checkpoint.resume": str(ckpt)}))
+    assert_one_line_error(proc, "format version", "upgrade dist_train")
+
+
+def test_a_corrupted_checkpoint_named_by_path_is_one_line(tiny_run, tmp_path):
+    ckpt = _copy_checkpoint(tiny_run, tmp_path)
+    shard = next((ckpt / "model_optim").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated, as by a crash mid-copy
+    proc = _cli_in(tmp_path, "train", DIGITS, *tiny_overrides(tmp_path, **{"checkpoint.resume": str(ckpt)}))
+    assert_one_line_error(proc, "corrupted", "model_optim/")
+
+
+def test_a_checkpoint_of_another_model_names_the_parameter_and_shapes(tmp_path):
+    mlp = {"model.name": "mlp", "model.mlp_hidden": "[32]", "train.max_steps": 2, "checkpoint.every_steps": 0}
+    first = run_cli("train", DIGITS, *tiny_overrides(tmp_path, **mlp), cwd=REPO)
+    assert first.returncode == 0, first.stderr
+    ckpt = tmp_path / "runs" / "digits" / "checkpoints" / "step_00000002"
+    wider = {**mlp, "model.mlp_hidden": "[48]", "run.name": "wider", "checkpoint.resume": str(ckpt)}
+    proc = _cli_in(tmp_path, "train", DIGITS, *tiny_overrides(tmp_path, **wider))
+    assert_one_line_error(proc, "does not fit this model", "(32, 64) in the checkpoint, (48, 64) in the model")
+    assert not (tmp_path / "runs" / "wider").exists()
+
+
+def test_more_processes_than_gpus_is_one_line(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from dist_train import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code = cli.main(["launch", DIGITS, "--nproc-per-node", "4", *tiny_overrides(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --nproc-per-node 4 is more than the 2 GPUs visible on this node"]
+    assert not (tmp_path / "runs").exists()
