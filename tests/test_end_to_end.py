@@ -190,3 +190,29 @@ def test_offline_reader_reassembles_records_across_blocks(tmp_path):
     broken.write_bytes(bytes(data))
     with pytest.raises(WandbFileError):
         read_records(broken)
+
+
+def test_the_wandb_api_key_is_never_written_and_nothing_is_world_writable(tmp_path):
+    import stat
+
+    from conftest import cli_env
+
+    key = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key; fake
+    env = {**cli_env(), "WANDB_API_KEY": key}
+    overrides = tiny_overrides(tmp_path, **JOB, **{"train.max_steps": 4})
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_train.cli", "train", "configs/digits.yaml", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert key not in proc.stdout + proc.stderr
+    files = [p for p in (tmp_path / "runs").rglob("*")]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name == "train_state.pt" for p in files)
+    for path in files:
+        assert not path.stat().st_mode & stat.S_IWOTH, f"{path} is world-writable"
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), f"{path} holds the API key"
