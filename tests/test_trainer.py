@@ -255,3 +255,56 @@ def test_nonfinite_skip_drops_the_bad_updates_on_every_rank_and_trains_on(tmp_pa
     assert all(math.isfinite(r["loss"]) for r in logged if "loss" in r)  # the mean of the updates taken
     params = checkpoint.read_full_state(result.checkpoint, "model")
     assert all(torch.isfinite(t).all() for t in params.values())
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, cli_env, run_cli, write_text_corpus
+
+    paths = write_text_corpus(tmp_path / "corpus")
+    gpt = {  # ~3M parameters with AdamW state: a save takes long enough to be caught mid-write
+        "data.paths": json.dumps(paths),
+        "data.seq_len": 32,
+        "model.width": 256,
+        "train.max_steps": 100000,
+        "checkpoint.every_steps": 3,
+        "checkpoint.keep_last": 5,
+        "parallel.strategy": "none",
+        "train.eval_every": 0,
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "dist_train.cli",
+        "train",
+        "configs/gpt_cpu.yaml",
+        *tiny_overrides(tmp_path, **gpt),
+    ]
+    root = tmp_path / "runs" / "gpt_cpu" / "checkpoints"
+    for _attempt in range(5):  # the kill must land inside a save; retry if it missed the window
+        proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (checkpoint.list_checkpoints(root) and list(root.glob("*.partial"))):
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        torn = list(root.glob("*.partial"))
+        if torn:
+            break
+    assert torn, "never caught a save in progress"
+    previous = checkpoint.latest_valid(root)
+    assert previous is not None and int(previous.name[5:]) < int(torn[0].name[5:13])
+    checkpoint.verify(previous)
+
+    resumed = run_cli(
+        "train",
+        "configs/gpt_cpu.yaml",
+        *tiny_overrides(tmp_path, **{**gpt, "train.max_steps": int(previous.name[5:]) + 3}),
+        cwd=REPO,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {previous} at step {int(previous.name[5:])}" in resumed.stdout
