@@ -184,7 +184,7 @@ def test_a_rank_that_stops_participating_fails_the_others_within_the_timeout(tmp
     values = {
         **COMMON,
         "model.name": "tests.user_models:sleepy_rank",
-        "model.kwargs": json.dumps({"seconds": 20}),
+        "model.kwargs": json.dumps({"seconds": 10}),
         "train.max_steps": 10,
         "parallel.collective_timeout_s": 3,
     }
