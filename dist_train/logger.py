@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **metrics}
+        record = {"step": step, **metrics, "time": round(time.time(), 3)}  # wall clock: plots, benchmarks
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
