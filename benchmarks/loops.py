@@ -83,8 +83,9 @@ def run_fabric(args, rank: int, world: int) -> float:
     model = SeedCNN(3, 32, 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model, optimizer = fabric.setup(model, optimizer)
-    data_loader = fabric.setup_dataloaders(loader(dataset(args.dataset_size), args.batch_size, rank, world),
-                                           use_distributed_sampler=False)
+    data_loader = fabric.setup_dataloaders(
+        loader(dataset(args.dataset_size), args.batch_size, rank, world), use_distributed_sampler=False
+    )
     start = None
     for step, (inputs, targets) in enumerate(batches(data_loader, args.warmup + args.steps)):
         if step == args.warmup:

@@ -135,8 +135,8 @@ class ParallelConfig:
     # keeps only its gradient shard between micro-batches (less memory, k times the traffic).
     sync_every_micro_batch: bool = False
     # A collective that waits this long for a rank (hung, dead, or far slower) fails with a
-    # message naming the step and the silent ranks, instead of hanging the job.
-    collective_timeout_s: float = 600.0
+    # message naming the silent ranks, instead of hanging the job (default: gloo's 30 minutes).
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

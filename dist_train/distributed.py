@@ -40,7 +40,7 @@ def read_env() -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def process_group(timeout_s: float = 600.0) -> Iterator[DistEnv]:
+def process_group(timeout_s: float = 1800.0) -> Iterator[DistEnv]:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and always leave it.
     A collective that waits longer than timeout_s for a peer fails instead of hanging."""
     rank, local_rank, world_size = read_env()
@@ -57,6 +57,14 @@ def process_group(timeout_s: float = 600.0) -> Iterator[DistEnv]:
     if under_torchrun and not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         timeout = datetime.timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # After a torchrun restart the agent's store still holds the dead attempt's gloo
+            # addresses; a fresh namespace keeps the new workers from dialling them.
+            agent = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, timeout=timeout
+            )
+            kwargs["store"] = dist.PrefixStore(f"dist_train/attempt_{restart}", agent)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
         started_here = True
     try:

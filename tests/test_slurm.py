@@ -116,7 +116,6 @@ def _wait_until(predicate, timeout, what):
 
 def _release(job_id):
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
-    return False  # keep polling until the job has left PENDING
 
 
 def _finished(job_id):
@@ -143,10 +142,16 @@ def test_a_job_completes_and_a_warned_job_requeues_and_resumes_exactly(cluster, 
     subprocess.run(["scancel", "--signal=USR1", "--batch", preempted], check=True)
     # SLURM holds a requeued job for about two minutes before it may start again; release it
     # now rather than wait (the requeue itself is the script's own `scontrol requeue`).
-    _wait_until(lambda: _job(preempted).get("Restarts") == "1", 120, "the requeue")
-    _wait_until(lambda: _job(preempted).get("JobState") != "PENDING" or _release(preempted), 60, "the release")
+    log = tmp_path / f"slurm-preempted-{preempted}.out"
+
+    def restarted() -> bool:
+        if _job(preempted).get("JobState") == "PENDING":
+            _release(preempted)
+        return f"job {preempted} (restart 1)" in log.read_text()
+
+    _wait_until(restarted, 240, "the requeued job to start")
     job = _wait_until(lambda: _finished(preempted), 300, f"job {preempted}")
-    output = (tmp_path / f"slurm-preempted-{preempted}.out").read_text()
+    output = log.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output[-3000:]
 
     stopped = re.search(r"stopped at step (\d+) on SIGUSR1", output)
