@@ -70,6 +70,20 @@ def run_plain(args, rank: int, world: int) -> float:
     return args.steps * args.batch_size * world / elapsed
 
 
+def timed_steps(model, optimizer, data_loader: DataLoader, backward, args, world: int) -> float:
+    """The frameworks' loop: the hand-written one with their backward (which also casts)."""
+    start = None
+    for step, (inputs, targets) in enumerate(batches(data_loader, args.warmup + args.steps)):
+        if step == args.warmup:
+            start = time.perf_counter()
+        loss = F.cross_entropy(model(inputs).float(), targets)
+        backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss.item()
+    return args.steps * args.batch_size * world / (time.perf_counter() - start)
+
+
 def run_fabric(args, rank: int, world: int) -> float:
     try:
         from lightning.fabric import Fabric
@@ -86,16 +100,7 @@ def run_fabric(args, rank: int, world: int) -> float:
     data_loader = fabric.setup_dataloaders(
         loader(dataset(args.dataset_size), args.batch_size, rank, world), use_distributed_sampler=False
     )
-    start = None
-    for step, (inputs, targets) in enumerate(batches(data_loader, args.warmup + args.steps)):
-        if step == args.warmup:
-            start = time.perf_counter()
-        loss = F.cross_entropy(model(inputs).float(), targets)
-        fabric.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    loss.item()
-    return args.steps * args.batch_size * world / (time.perf_counter() - start)
+    return timed_steps(model, optimizer, data_loader, fabric.backward, args, world)
 
 
 def run_accelerate(args, rank: int, world: int) -> float:
@@ -107,16 +112,7 @@ def run_accelerate(args, rank: int, world: int) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     data_loader = loader(dataset(args.dataset_size), args.batch_size, rank, world)
     model, optimizer = accelerator.prepare(model, optimizer)  # our loader is sharded already
-    start = None
-    for step, (inputs, targets) in enumerate(batches(data_loader, args.warmup + args.steps)):
-        if step == args.warmup:
-            start = time.perf_counter()
-        loss = F.cross_entropy(model(inputs).float(), targets)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    loss.item()
-    return args.steps * args.batch_size * world / (time.perf_counter() - start)
+    return timed_steps(model, optimizer, data_loader, accelerator.backward, args, world)
 
 
 def main() -> None:

@@ -49,11 +49,16 @@ def mfu(tokens_per_s_per_device: float, flops_per_token: int, peak: float) -> fl
     return tokens_per_s_per_device * flops_per_token / peak
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP parameters and their state), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def param_and_optimizer_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of parameters and optimizer state this rank holds (its shards under FSDP)."""
 
     def local_bytes(tensor: torch.Tensor) -> int:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        local = local_shard(tensor)
         return local.numel() * local.element_size()
 
     params = sum(local_bytes(p) for p in model.parameters())

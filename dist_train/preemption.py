@@ -50,7 +50,7 @@ class StopRequest:
         if self.pending is not None:
             self.pending.wait()  # issued a step ago; a CPU tensor, so no device sync
             agreed = int(self.flag.item())
-        self.flag = torch.tensor([self.received], dtype=torch.int64)
+        self.flag.fill_(self.received)  # the previous all-reduce into it has completed
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return signal.Signals(agreed).name if agreed else None
 

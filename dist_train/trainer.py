@@ -37,7 +37,7 @@ from dist_train.distributed import (
     seed_everything,
     unresponsive_ranks,
 )
-from dist_train.efficiency import flops_per_token, mfu, param_and_optimizer_bytes, peak_flops
+from dist_train.efficiency import flops_per_token, local_shard, mfu, param_and_optimizer_bytes, peak_flops
 from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler, load_scheduler_position
@@ -348,7 +348,7 @@ def _fit(
         checkpoint_due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
         if checkpoint_due or step == end_step or stop_signal is not None:
             # A finite loss can still come with an update that made the weights non-finite.
-            weights_ok = torch.stack([_local(p.detach()).isfinite().all() for p in params]).all()
+            weights_ok = torch.stack([local_shard(p.detach()).isfinite().all() for p in params]).all()
             first_bad_step = torch.where(weights_ok, first_bad_step, torch.clamp(first_bad_step, max=step))
             raise_if_nonfinite()  # never let a NaN model replace the last good checkpoint
             result.checkpoint = save(step)
@@ -359,11 +359,6 @@ def _fit(
             result.stopped_by = stop_signal
             break
     return result
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP parameters), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
