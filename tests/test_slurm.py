@@ -144,9 +144,16 @@ def test_a_job_completes_and_a_warned_job_requeues_and_resumes_exactly(cluster, 
     # now rather than wait (the requeue itself is the script's own `scontrol requeue`).
     log = tmp_path / f"slurm-preempted-{preempted}.out"
 
+    pending_since = []
+
     def restarted() -> bool:
+        # Release only once the old run has been cleaned up for a few seconds: a release right
+        # after the requeue starts it while its credential is still revoked, which fails it.
         if _job(preempted).get("JobState") == "PENDING":
-            _release(preempted)
+            if not pending_since:
+                pending_since.append(time.monotonic())
+            if time.monotonic() - pending_since[0] > 5:
+                _release(preempted)
         return f"job {preempted} (restart 1)" in log.read_text()
 
     _wait_until(restarted, 240, "the requeued job to start")
