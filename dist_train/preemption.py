@@ -3,12 +3,16 @@ boundary that every rank agrees on, so one consistent checkpoint can be saved.
 
 The handler only sets a flag: saving inside a signal handler can deadlock on a collective or
 be cut off half-way. Ranks exchange their flags through an all-reduce on a CPU (gloo) group
-that is issued at one step and read at the next, so checking every step costs no device sync.
+that is issued at one check and read at the next, so a check costs no device sync. Checks
+come about once a second, not every step: on a fast step the exchange itself was a measurable
+cost. Every rank must check at the same steps, so each exchange also carries the ranks'
+proposals for when the check after next happens, and the earliest proposal wins.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from types import FrameType
 
 import torch
@@ -23,13 +27,20 @@ STOPPED_MARKER = "stopped_early.json"
 
 
 class StopRequest:
+    CHECK_EVERY_S = 1.0  # between agreements; a signal is acted on within about two of them
+    MAX_CHECK_INTERVAL = 1000  # steps
+
     def __init__(self, signal_names: list[str]) -> None:
         self.signals = [signal.Signals[name] for name in dict.fromkeys(signal_names)]
         self.received = 0  # the signal number this rank received, 0 for none
         self.previous: dict[signal.Signals, object] = {}
         self.group = None
         self.pending = None
-        self.flag = torch.zeros(1, dtype=torch.int64)
+        # [signal number, -proposed step of the check after next]: one MAX all-reduce
+        # agrees on any rank's signal and on the earliest proposal.
+        self.flag = torch.zeros(2, dtype=torch.int64)
+        self.next_check: int | None = None  # the step of the next check, the same on every rank
+        self.last_check = (0, 0.0)  # (step, time) of this rank's previous check
 
     def __enter__(self) -> StopRequest:
         for sig in self.signals:
@@ -41,17 +52,27 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
-    def poll(self) -> str | None:
-        """Once per optimizer step on every rank: the name of the signal all ranks now agree
-        to stop on, or None. A signal is acted on one or two steps after it arrives."""
+    def poll(self, step: int) -> str | None:
+        """After every optimizer step, on every rank, with the same step numbers: the name of
+        the signal all ranks now agree to stop on, or None."""
         if self.group is None:
             return signal.Signals(self.received).name if self.received else None
-        agreed = 0
+        if self.next_check is None:
+            self.next_check = step  # the first call: every rank starts at the same step
+        if step < self.next_check:
+            return None
+        agreed, check_after = 0, step + 1  # the first exchange: check again at the next step
         if self.pending is not None:
-            self.pending.wait()  # issued a step ago; a CPU tensor, so no device sync
-            agreed = int(self.flag.item())
-        self.flag.fill_(self.received)  # the previous all-reduce into it has completed
+            self.pending.wait()  # issued at the previous check; a CPU tensor, so no device sync
+            agreed, check_after = int(self.flag[0]), -int(self.flag[1])
+        now = time.monotonic()
+        last_step, last_time = self.last_check
+        seconds_per_step = (now - last_time) / max(1, step - last_step) if self.pending is not None else None
+        interval = 1 if not seconds_per_step else int(self.CHECK_EVERY_S / seconds_per_step)
+        self.last_check = (step, now)
+        self.flag[0], self.flag[1] = self.received, -(check_after + min(max(interval, 1), self.MAX_CHECK_INTERVAL))
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.next_check = check_after
         return signal.Signals(agreed).name if agreed else None
 
     def __exit__(self, *exc_info: object) -> None:

@@ -283,7 +283,7 @@ def _fit(
                 scaler.scale(loss / t.grad_accum_steps).backward()
             step_loss += loss.detach()
 
-        stop_signal = stop.poll()  # the same answer on every rank
+        stop_signal = stop.poll(step)  # the same answer on every rank
         log_now = step % t.log_every == 0 or step == end_step or stop_signal is not None
         grad_norm = None
         if t.clip_grad_norm is not None or log_now or skip_nonfinite:

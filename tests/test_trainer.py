@@ -230,9 +230,9 @@ def test_a_stop_signal_ends_a_single_process_run_with_a_checkpoint(tmp_path):
 
     previous = signal.getsignal(signal.SIGUSR1)
     with StopRequest(["SIGUSR1", "SIGTERM"]) as stop:
-        assert stop.poll() is None
+        assert stop.poll(1) is None
         os.kill(os.getpid(), signal.SIGUSR1)  # handled: only a flag is set
-        assert stop.poll() == "SIGUSR1"
+        assert stop.poll(2) == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored after training
 
 
