@@ -10,6 +10,7 @@ from dist_train.config import DataConfig
 from dist_train.data import (
     DataError,
     EvalShard,
+    RandomShift,
     ResumableDistributedSampler,
     SeededAugment,
     build_datasets,
@@ -134,6 +135,33 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index():
     plain = build_datasets(DataConfig(dataset="digits", augment=False))
     no_aug = SeededAugment(plain.train, plain.train_transform, seed=0)
     assert torch.equal(no_aug[(0, 7)][0], no_aug[(5, 7)][0])
+
+
+def test_random_shift_is_a_padded_random_crop_over_every_offset_keyed_per_sample():
+    image = torch.arange(1.0, 65.0).reshape(1, 8, 8)
+    padded = torch.nn.functional.pad(image, (1, 1, 1, 1), value=-3.0)
+    windows = {(top, left): padded[..., top : top + 8, left : left + 8] for top in range(3) for left in range(3)}
+    shift = RandomShift(1, fill=-3.0)
+    keys = list(range(1000, 1200))
+    shifted = shift.keyed(image.expand(len(keys), 1, 8, 8), keys)
+    seen = []
+    for one in shifted:
+        match = [offset for offset, window in windows.items() if torch.equal(one, window)]
+        assert len(match) == 1  # always one of the 9 windows of the padded image
+        seen.append(match[0])
+    counts = [seen.count(offset) for offset in windows]
+    assert min(counts) >= 10, counts  # every offset occurs, roughly uniformly (200 / 9 each)
+    # A sample's shift depends on its key only, not on the batch it is in.
+    assert torch.equal(shift.keyed(image[None], [1007])[0], shifted[7])
+
+
+def test_batched_augmentation_equals_per_sample_augmentation():
+    datasets = build_datasets(DataConfig(dataset="digits", augment=True))
+    augment = SeededAugment(datasets.train, datasets.train_transform, seed=4)
+    keys = [(2, index) for index in (5, 0, 99, 17, 5)]
+    images, labels = augment.__getitems__(keys)  # what DataLoader calls for a batch
+    assert torch.equal(images, torch.stack([augment[key][0] for key in keys]))
+    assert torch.equal(labels, torch.stack([augment[key][1] for key in keys]))
 
 
 def test_synthetic_dataset_shape():
