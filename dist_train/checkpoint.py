@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dist_train.config import Config, UserError, to_dict
-from dist_train.distributed import DistEnv, barrier
+from dist_train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
 
 FORMAT_VERSION = 2  # 2: model and optimizer in DCP format (1 held them in train_state.pt)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -127,14 +127,11 @@ def save(
     with _quiet_dcp():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial / MODEL_OPTIM)
     _write_durably(partial / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
-    barrier()
     if env.is_main:
         _write_durably(partial / TRAIN_STATE, lambda f: torch.save(train_state, f))
-        files = {
-            p.relative_to(partial).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(partial.rglob("*"))
-            if p.is_file()
-        }
+    barrier()
+    files = _hash_in_parallel(partial, env)
+    if env.is_main:
         manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": env.world_size, "files": files}
         _write_durably(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         if final.exists():
@@ -152,6 +149,23 @@ def save(
             shutil.rmtree(old)
     barrier()
     return final
+
+
+def _hash_in_parallel(directory: Path, env: DistEnv) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under `directory`, for the manifest. Each rank hashes a
+    share (rank 0's listing, split by size), so a sharded checkpoint is not read back whole by
+    one rank."""
+    shares: list[list[str]] = [[] for _ in range(env.world_size)]
+    if env.is_main:
+        sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+        loads = [0] * env.world_size
+        for name in sorted(sizes, key=lambda n: (-sizes[n], n)):  # largest first to the least loaded
+            rank = loads.index(min(loads))
+            shares[rank].append(name)
+            loads[rank] += sizes[name]
+    mine = broadcast_object(shares)[env.rank]
+    hashed = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)} for name in mine}
+    return dict(sorted((name, entry) for part in all_gather_objects(hashed) for name, entry in part.items()))
 
 
 def _fsync_dir(path: Path) -> None:

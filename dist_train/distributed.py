@@ -123,6 +123,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return holder[0]
 
 
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def is_timeout(exc: BaseException | str) -> bool:
     """Whether a backend error is a collective that gave up waiting (gloo and NCCL wording)."""
     text = str(exc).lower()
