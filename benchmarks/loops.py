@@ -1,9 +1,16 @@
-"""One benchmark worker: the seed-CNN workload written by hand, or with Lightning Fabric or
-Hugging Face Accelerate. Run directly (1 process) or under torchrun (several); rank 0 prints
-one JSON line with samples/s over the measured steps. benchmarks/overhead.py drives it.
+"""One benchmark worker: a workload written by hand, or with Lightning Fabric or Hugging Face
+Accelerate. Run directly (1 process) or under torchrun (several); rank 0 prints one JSON line
+with samples/s over the measured steps. benchmarks/overhead.py drives it.
 
     python benchmarks/loops.py --framework plain --precision bf16
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/loops.py --framework fabric
+    python benchmarks/loops.py --workload gpt --batch-size 16
+
+Workloads, each the same model and optimizer as the dist_train config overhead.py pairs it with:
+- cnn: the seed CNN on CIFAR-shaped random tensors, SGD with momentum (configs/synthetic.yaml);
+- resnet18: ResNet-18 with the 32x32 stem, same data and optimizer;
+- gpt: the 4-layer GPT of configs/gpt_cpu.yaml on random byte sequences of 128 tokens, AdamW
+  (weight decay on matrices only) and gradient clipping at 1.0.
 """
 
 from __future__ import annotations
@@ -18,12 +25,38 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from dist_train.models import SeedCNN  # the same module the dist_train run trains
+from dist_train.config import ModelConfig
+from dist_train.data import DataSpec
+from dist_train.gpt import GPT
+from dist_train.models import build_model  # the same modules the dist_train runs train
+
+GPT_SHAPE = dict(vocab_size=256, context=128, n_layer=4, n_head=4, width=128, dropout=0.0)
 
 
-def dataset(size: int) -> TensorDataset:
+def dataset(workload: str, size: int) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
+    if workload == "gpt":
+        tokens = torch.randint(0, GPT_SHAPE["vocab_size"], (size, GPT_SHAPE["context"] + 1), generator=g)
+        return TensorDataset(tokens[:, :-1], tokens[:, 1:])
     return TensorDataset(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g))
+
+
+def model_and_optimizer(workload: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    if workload == "gpt":
+        model = GPT(**GPT_SHAPE)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        return model, torch.optim.AdamW(groups, lr=0.002, betas=(0.9, 0.95))
+    name = "resnet18" if workload == "resnet18" else "seed_cnn"
+    model = build_model(ModelConfig(name=name), DataSpec((3, 32, 32), 10))
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Flattened so one line serves classes (batch, classes) and tokens (batch, seq, vocab).
+    return F.cross_entropy(model(inputs).flatten(0, -2).float(), targets.flatten())
 
 
 def loader(data: TensorDataset, batch: int, rank: int, world: int) -> DataLoader:
@@ -47,20 +80,20 @@ def batches(data_loader: DataLoader, steps: int):
 def run_plain(args, rank: int, world: int) -> float:
     if world > 1:
         torch.distributed.init_process_group("gloo")
-    torch.manual_seed(0)
-    model = SeedCNN(3, 32, 10)
+    model, optimizer = model_and_optimizer(args.workload)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
-    data_loader = loader(dataset(args.dataset_size), args.batch_size, rank, world)
+    data_loader = loader(dataset(args.workload, args.dataset_size), args.batch_size, rank, world)
     start = None
     for step, (inputs, targets) in enumerate(batches(data_loader, args.warmup + args.steps)):
         if step == args.warmup:
             start = time.perf_counter()
         with autocast:
-            loss = F.cross_entropy(model(inputs).float(), targets)
+            loss = loss_of(model, inputs, targets)
         loss.backward()
+        if args.workload == "gpt":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     loss.item()
@@ -76,7 +109,7 @@ def timed_steps(model, optimizer, data_loader: DataLoader, backward, args, world
     for step, (inputs, targets) in enumerate(batches(data_loader, args.warmup + args.steps)):
         if step == args.warmup:
             start = time.perf_counter()
-        loss = F.cross_entropy(model(inputs).float(), targets)
+        loss = loss_of(model, inputs, targets)
         backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -93,12 +126,9 @@ def run_fabric(args, rank: int, world: int) -> float:
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
     fabric = Fabric(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", precision=precision)
     fabric.launch()
-    torch.manual_seed(0)
-    model = SeedCNN(3, 32, 10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model, optimizer = fabric.setup(model, optimizer)
+    model, optimizer = fabric.setup(*model_and_optimizer(args.workload))
     data_loader = fabric.setup_dataloaders(
-        loader(dataset(args.dataset_size), args.batch_size, rank, world), use_distributed_sampler=False
+        loader(dataset(args.workload, args.dataset_size), args.batch_size, rank, world), use_distributed_sampler=False
     )
     return timed_steps(model, optimizer, data_loader, fabric.backward, args, world)
 
@@ -107,10 +137,8 @@ def run_accelerate(args, rank: int, world: int) -> float:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True, mixed_precision="bf16" if args.precision == "bf16" else "no")
-    torch.manual_seed(0)
-    model = SeedCNN(3, 32, 10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    data_loader = loader(dataset(args.dataset_size), args.batch_size, rank, world)
+    model, optimizer = model_and_optimizer(args.workload)
+    data_loader = loader(dataset(args.workload, args.dataset_size), args.batch_size, rank, world)
     model, optimizer = accelerator.prepare(model, optimizer)  # our loader is sharded already
     return timed_steps(model, optimizer, data_loader, accelerator.backward, args, world)
 
@@ -118,6 +146,7 @@ def run_accelerate(args, rank: int, world: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--framework", choices=["plain", "fabric", "accelerate"], default="plain")
+    parser.add_argument("--workload", choices=["cnn", "resnet18", "gpt"], default="cnn")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dataset-size", type=int, default=8192)

@@ -1,16 +1,25 @@
 """Throughput of dist_train against a hand-written PyTorch loop, Lightning Fabric and Hugging
 Face Accelerate on the same workload, in one invocation, as ratios to the hand-written loop.
 
-    python benchmarks/overhead.py                       # 1 and 2 processes, fp32 and bf16
-    python benchmarks/overhead.py --reps 5 --out results.json
+    python benchmarks/overhead.py                       # every workload (about 50 minutes here)
+    python benchmarks/overhead.py --workloads cnn --reps 7 --out results.json
 
-Workload: the seed CNN (conv 6/16, fc 120/84/10) on CIFAR-shaped in-memory tensors, batch 64
-per rank, SGD with momentum, CPU and gloo. dist_train runs through its CLI with its normal
-logging (every 30 steps: a loss all-reduce and metrics.jsonl) and stop-signal agreement on;
-its periodic checkpoints are off here (it saves once, after the measured steps), since their
-cost is a separate question. Every run excludes its warm-up steps. Repetitions are interleaved
-so machine noise hits all frameworks alike; the table gives the median samples/s, the ratio to
-the hand-written loop and the min-max spread. Fabric and Accelerate are optional
+Workloads (benchmarks/loops.py holds the hand-written, Fabric and Accelerate versions):
+- cnn: the seed CNN (conv 6/16, fc 120/84/10) on CIFAR-shaped in-memory tensors, batch 64 per
+  rank, SGD with momentum; 1 and 2 processes (torchrun, gloo), fp32 and bf16 autocast; all four.
+- resnet18: ResNet-18 (32x32 stem) on the same data, batch 32, 1 process: compute-heavy, so
+  overhead should vanish; hand-written vs. dist_train.
+- gpt: the 4-layer GPT of configs/gpt_cpu.yaml, 16 x 128 tokens, AdamW, clipping at 1.0,
+  1 process, in tokens/s; hand-written vs. dist_train.
+
+dist_train runs through its CLI (`dist-train train` for one process, `dist-train launch` for
+more) with its normal bookkeeping on: logging every `warmup` steps (a loss all-reduce, a
+grad-norm and metrics.jsonl), the NaN check, stop-signal agreement. Periodic checkpoints are
+off (it saves once, after the measured steps): their cost is benchmarks/checkpoint_cost.py's
+question. Every run excludes its warm-up steps. This 2-core VM's speed drifts by up to 10%
+over minutes, so repetitions are interleaved (the order rotates) and each run is compared with
+the hand-written run of the same repetition: "vs. hand-written" is the median of those
+per-repetition ratios, with their range. Fabric and Accelerate are optional
 (pip install -e ".[bench]") and are skipped with a note when absent.
 """
 
@@ -26,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,84 +43,113 @@ FRAMEWORKS = ("plain", "dist_train", "fabric", "accelerate")
 OPTIONAL = {"fabric": ("lightning_fabric", "lightning"), "accelerate": ("accelerate",)}
 
 
-def command(framework: str, nproc: int, precision: str, warmup: int, steps: int, out_dir: Path) -> list[str]:
+@dataclass(frozen=True)
+class Workload:
+    config: str  # the dist_train config that trains the same model on the same kind of data
+    overrides: tuple[str, ...]
+    batch_size: int
+    tokens_per_sample: int  # 0: report samples/s
+    nproc: tuple[int, ...]
+    precision: tuple[str, ...]
+    frameworks: tuple[str, ...]
+    warmup: int
+    steps: int
+
+
+SYNTHETIC, PLAIN_AND_US = "configs/synthetic.yaml", ("plain", "dist_train")
+WORKLOADS = {
+    "cnn": Workload(SYNTHETIC, (), 64, 0, (1, 2), ("fp32", "bf16"), FRAMEWORKS, warmup=30, steps=600),
+    "resnet18": Workload(SYNTHETIC, ("model.name=resnet18",), 32, 0, (1,), ("fp32",), PLAIN_AND_US, warmup=6, steps=24),
+    # The hand-written loop reads random bytes, dist_train the standard library's sources: both
+    # slice in-memory token tensors, so the loader costs the same.
+    "gpt": Workload("configs/gpt_cpu.yaml", (), 16, 128, (1,), ("fp32",), PLAIN_AND_US, warmup=10, steps=120),
+}
+
+
+def command(w: Workload, name: str, framework: str, nproc: int, precision: str, out_dir: Path) -> list[str]:
     if framework == "dist_train":
         overrides = [
+            *w.overrides,
             f"run.output_dir={out_dir}",
+            f"data.batch_size={w.batch_size}",
             f"train.precision={precision}",
-            f"train.max_steps={warmup + steps}",
-            f"train.log_every={warmup}",
+            f"train.max_steps={w.warmup + w.steps}",
+            f"train.log_every={w.warmup}",
+            "train.eval_every=0",
+            "checkpoint.every_steps=0",
             "logging.wandb.mode=disabled",
             "train.progress_bar=false",
             f"parallel.strategy={'ddp' if nproc > 1 else 'none'}",
         ]
-        return [sys.executable, "-m", "dist_train.cli", "launch", "configs/synthetic.yaml",
-                "--nproc-per-node", str(nproc), *overrides]  # fmt: skip
-    worker = [str(REPO / "benchmarks" / "loops.py"), "--framework", framework, "--precision", precision,
-              "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+        cli = [sys.executable, "-m", "dist_train.cli"]
+        if nproc == 1:
+            return [*cli, "train", w.config, *overrides]
+        return [*cli, "launch", w.config, "--nproc-per-node", str(nproc), *overrides]
+    worker = [str(REPO / "benchmarks" / "loops.py"), "--framework", framework, "--workload", name,
+              "--precision", precision, "--batch-size", str(w.batch_size),
+              "--warmup", str(w.warmup), "--steps", str(w.steps)]  # fmt: skip
     if nproc == 1:
         return [sys.executable, *worker]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *worker]
 
 
-def measure(framework: str, nproc: int, precision: str, warmup: int, steps: int) -> float:
+def measure(name: str, framework: str, nproc: int, precision: str) -> float:
+    """Samples/s over the measured steps of one run."""
+    w = WORKLOADS[name]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = command(framework, nproc, precision, warmup, steps, Path(tmp))
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        cmd = command(w, name, framework, nproc, precision, Path(tmp))
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
-            raise RuntimeError(f"{framework} x{nproc} {precision} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{name} {framework} x{nproc} {precision} failed:\n{proc.stderr[-2000:]}")
         if framework != "dist_train":
             return json.loads(proc.stdout.strip().splitlines()[-1])["samples_per_s"]
         # Wall-clock time between the log lines at the end of warm-up and at the last step.
-        lines = (Path(tmp) / "synthetic" / "metrics.jsonl").read_text().splitlines()
-        logged = {r["step"]: r["time"] for r in map(json.loads, lines) if "loss" in r}
-        return steps * 64 * nproc / (logged[warmup + steps] - logged[warmup])
+        metrics = next(Path(tmp).glob("*/metrics.jsonl"))
+        logged = {r["step"]: r["time"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r}
+        return w.steps * w.batch_size * nproc / (logged[w.warmup + w.steps] - logged[w.warmup])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="write all measurements as JSON here")
     args = parser.parse_args()
 
     skipped = [f for f, modules in OPTIONAL.items() if not any(importlib.util.find_spec(m) for m in modules)]
     for framework in skipped:
         print(f"note: {framework} skipped ({OPTIONAL[framework][0]} is not installed; pip install -e '.[bench]')")
-    frameworks = [f for f in FRAMEWORKS if f not in skipped]
-    cases = [(n, p) for n in args.nproc for p in args.precision]
-    results: dict[str, list[float]] = {}
+    cases = [(name, n, p) for name in args.workloads for n in WORKLOADS[name].nproc for p in WORKLOADS[name].precision]
+    results: dict[tuple, list[float]] = {}
     for rep in range(args.reps):
-        for nproc, precision in cases:
+        for name, nproc, precision in cases:
+            frameworks = [f for f in WORKLOADS[name].frameworks if f not in skipped]
             # Rotate the order each repetition, so no framework always runs first or last.
             order = frameworks[rep % len(frameworks) :] + frameworks[: rep % len(frameworks)]
             for framework in order:
-                value = measure(framework, nproc, precision, args.warmup, args.steps)
-                results.setdefault(f"{framework}|{nproc}|{precision}", []).append(value)
-                print(f"rep {rep + 1}/{args.reps} {framework:>10} x{nproc} {precision}: {value:8.0f} samples/s")
+                value = measure(name, framework, nproc, precision)
+                results.setdefault((name, nproc, precision, framework), []).append(value)
+                print(f"rep {rep + 1}/{args.reps} {name} x{nproc} {precision} {framework:>10}: {value:8.1f} samples/s")
 
-    print(f"\n{args.steps} measured steps after {args.warmup} warm-up, {args.reps} interleaved repetitions; "
-          f"{platform.machine()}, {os.cpu_count()} CPUs, torch {__import__('torch').__version__}, "
-          f"{time.strftime('%Y-%m-%d')}\n")  # fmt: skip
-    print("| processes | precision | framework | samples/s (median) | vs. hand-written | min-max |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"\n{args.reps} interleaved repetitions; {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {__import__('torch').__version__}, {time.strftime('%Y-%m-%d')}\n")  # fmt: skip
+    print("| workload | processes | precision | framework | throughput (median) | vs. hand-written | range |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     table = []
-    for nproc, precision in cases:
-        baseline = statistics.median(results[f"plain|{nproc}|{precision}"])
-        for framework in frameworks:
-            values = results[f"{framework}|{nproc}|{precision}"]
-            median = statistics.median(values)
-            row = {"nproc": nproc, "precision": precision, "framework": framework, "median": median,
-                   "ratio": median / baseline, "min": min(values), "max": max(values), "values": values}  # fmt: skip
-            table.append(row)
-            print(f"| {nproc} | {precision} | {framework} | {median:.0f} | {median / baseline:.3f}x | "
-                  f"{min(values):.0f}-{max(values):.0f} |")  # fmt: skip
+    for (name, nproc, precision, framework), values in results.items():
+        w = WORKLOADS[name]
+        plain = results[(name, nproc, precision, "plain")]
+        ratios = [v / p for v, p in zip(values, plain, strict=True)]  # same repetition: drift cancels
+        unit, scale = ("tokens/s", w.tokens_per_sample) if w.tokens_per_sample else ("samples/s", 1)
+        row = {"workload": name, "nproc": nproc, "precision": precision, "framework": framework,
+               "median": statistics.median(values) * scale, "unit": unit, "ratio": statistics.median(ratios),
+               "ratio_min": min(ratios), "ratio_max": max(ratios), "values": values}  # fmt: skip
+        table.append(row)
+        print(f"| {name} | {nproc} | {precision} | {framework} | {row['median']:,.0f} {unit} | "
+              f"{row['ratio']:.3f}x | {row['ratio_min']:.2f}-{row['ratio_max']:.2f} |")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps({"steps": args.steps, "warmup": args.warmup, "rows": table}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"reps": args.reps, "rows": table}, indent=1) + "\n")
     return 0
 
 
