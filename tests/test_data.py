@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dist_train.config import DataConfig
 from dist_train.data import (
+    IN_MEMORY_CHUNK,
     DataError,
     EvalShard,
     RandomShift,
     ResumableDistributedSampler,
+    SampleKeys,
     SeededAugment,
     build_datasets,
     build_pipeline,
@@ -158,10 +161,10 @@ def test_random_shift_is_a_padded_random_crop_over_every_offset_keyed_per_sample
 def test_batched_augmentation_equals_per_sample_augmentation():
     datasets = build_datasets(DataConfig(dataset="digits", augment=True))
     augment = SeededAugment(datasets.train, datasets.train_transform, seed=4)
-    keys = [(2, index) for index in (5, 0, 99, 17, 5)]
-    images, labels = augment.__getitems__(keys)  # what DataLoader calls for a batch
-    assert torch.equal(images, torch.stack([augment[key][0] for key in keys]))
-    assert torch.equal(labels, torch.stack([augment[key][1] for key in keys]))
+    indices = [5, 0, 99, 17, 5]
+    images, labels = augment.__getitems__(SampleKeys(2, np.array(indices)))  # what DataLoader calls
+    assert torch.equal(images, torch.stack([augment[(2, index)][0] for index in indices]))
+    assert torch.equal(labels, torch.stack([augment[(2, index)][1] for index in indices]))
 
 
 def test_synthetic_dataset_shape():
@@ -249,3 +252,30 @@ def test_a_new_world_size_continues_the_epoch_with_every_sample_once():
     uninterrupted = [i for r in range(2) for i in _indices(ResumableDistributedSampler(n, 2, r, 5, global_batch))]
     assert len(consumed) == len(set(consumed)) == 96
     assert set(consumed) == set(uninterrupted)
+
+
+def test_chunked_in_memory_loading_yields_the_per_sample_micro_batches_across_resume_and_epochs():
+    # Rank 1 of 2 resumes 4 steps before the end of epoch 0 and reads into epoch 1: the chunks
+    # gathered and augmented at once must split into exactly the micro-batches that per-sample
+    # loading of the sampler's order gives.
+    cfg = DataConfig(dataset="digits", batch_size=16, augment=True)
+    pipe = build_pipeline(cfg, _cpu_env(rank=1, world=2), grad_accum_steps=1, seed=3)
+    assert pipe.train.loader.batch_sampler.chunk_size == 16 * IN_MEMORY_CHUNK  # the chunked path
+    steps_per_epoch = pipe.train.steps_per_epoch
+    pipe.train.load_state_dict({"epoch": 0, "samples_consumed": (steps_per_epoch - 4) * 32})
+    got = [pipe.train.next_micro_batch() for _ in range(4 + 20)]
+
+    augment = SeededAugment(build_datasets(cfg).train, build_datasets(cfg).train_transform, seed=3)
+    sampler = ResumableDistributedSampler(1438, 2, 1, seed=3, global_batch=32)
+    sampler.set_epoch(0)
+    sampler.set_start((steps_per_epoch - 4) * 32)
+    keys = list(sampler)
+    sampler.set_epoch(1)
+    sampler.set_start(0)
+    keys += list(sampler)[: 20 * 16]
+    assert keys[64][0] == 1  # the 5th micro-batch is the first of epoch 1
+    for n, (images, labels) in enumerate(got):
+        batch = [augment[key] for key in keys[n * 16 : (n + 1) * 16]]
+        assert torch.equal(images, torch.stack([x for x, _ in batch]))
+        assert torch.equal(labels, torch.stack([y for _, y in batch]))
+    assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 20 * 32}
