@@ -252,14 +252,23 @@ def _fit(
     tokens_per_sample = data.spec.input_shape[0] if len(data.spec.input_shape) == 1 else 0
     model_flops = flops_per_token(strategy.unwrap(model)) if tokens_per_sample else None
     peak = peak_flops(device, t.peak_tflops)  # None on CPU: MFU is not reported there
-    # Device-side accumulators, read only at logging time.
-    loss_sum, step_loss = torch.zeros((), device=device), torch.zeros((), device=device)
-    skip_nonfinite, update, steps_counted, skipped_steps = t.nonfinite == "skip", True, 0, 0
-    first_bad_step = torch.full((), last_step + 1, dtype=torch.long, device=device)
+    # This logging interval's step losses (each the sum over its micro-batches), left on the
+    # device and stacked only at logging time: per step no tensor op beyond the loss itself,
+    # where each would cost ~5-20 us on a CPU whose caches the step has just evicted.
+    counted_losses: list[torch.Tensor] = []
+    counted_steps: list[int] = []
+    skip_nonfinite, update, skipped_steps = t.nonfinite == "skip", True, 0
     interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
-    def raise_if_nonfinite() -> None:
-        bad = all_reduce_min(first_bad_step.clone()).item()
+    def raise_if_nonfinite(weights_ok: torch.Tensor | None = None, step: int = 0) -> None:
+        # The first step, on any rank, whose loss (or, at `step`, whose weights) went non-finite.
+        first_bad = torch.full((), last_step + 1, dtype=torch.long, device=device)
+        if counted_losses:
+            steps = torch.tensor(counted_steps, device=device)
+            first_bad = torch.where(torch.stack(counted_losses).isfinite(), first_bad, steps).min()
+        if weights_ok is not None:
+            first_bad = torch.where(weights_ok, first_bad, first_bad.clamp(max=step))
+        bad = all_reduce_min(first_bad).item()
         if bad <= last_step:
             raise NonFiniteLossError(
                 f"loss or weights became NaN/Inf at step {bad}; stopping (checkpoints written before it are kept)"
@@ -267,6 +276,7 @@ def _fit(
 
     model.train()
     for step in range(start_step + 1, end_step + 1):
+        micro_losses = []
         for micro in range(t.grad_accum_steps):
             fetch_start = time.perf_counter()
             inputs, targets = data.train.next_micro_batch()
@@ -280,8 +290,9 @@ def _fit(
                     loss = F.cross_entropy(model(inputs).flatten(0, -2).float(), targets.flatten())
                 # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
                 # the accumulation count makes the summed gradient that of one big batch.
-                scaler.scale(loss / t.grad_accum_steps).backward()
-            step_loss += loss.detach()
+                scaler.scale(loss / t.grad_accum_steps if t.grad_accum_steps > 1 else loss).backward()
+            micro_losses.append(loss.detach())
+        step_loss = micro_losses[0] if len(micro_losses) == 1 else torch.stack(micro_losses).sum()
 
         stop_signal = stop.poll(step)  # the same answer on every rank
         log_now = step % t.log_every == 0 or step == end_step or stop_signal is not None
@@ -294,23 +305,21 @@ def _fit(
             # Every rank must skip the same steps: agreed at the cost of one host sync per step.
             finite = torch.isfinite(step_loss) & torch.isfinite(_full(grad_norm))
             update = bool(all_reduce_min(finite.to(torch.int32)).item())
-        else:
-            first_bad_step = torch.where(torch.isfinite(step_loss), first_bad_step, first_bad_step.clamp(max=step))
         if update:
             scaler.step(optimizer)
-            loss_sum += step_loss
-            steps_counted += 1
+            counted_losses.append(step_loss)
+            counted_steps.append(step)
         else:
             skipped_steps += 1
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()  # once per optimizer step, never per micro-batch
-        step_loss.zero_()
         steps_in_interval += 1
 
         if log_now:
             raise_if_nonfinite()
-            loss_mean = all_reduce_sum(loss_sum.clone()) / (env.world_size * t.grad_accum_steps * steps_counted)
+            loss_sum = torch.stack(counted_losses).sum() if counted_losses else torch.zeros((), device=device)
+            loss_mean = all_reduce_sum(loss_sum) / (env.world_size * t.grad_accum_steps * len(counted_losses))
             elapsed = time.perf_counter() - interval_start
             speed = {"samples_per_s": data.global_batch * steps_in_interval / elapsed}
             if tokens_per_sample:
@@ -334,8 +343,9 @@ def _fit(
                     "data_wait_fraction": data_wait / elapsed,
                 },
             )
-            loss_sum.zero_()
-            interval_start, data_wait, steps_in_interval, steps_counted = time.perf_counter(), 0.0, 0, 0
+            counted_losses.clear()
+            counted_steps.clear()
+            interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
         pause_start = time.perf_counter()  # evaluation and saving do not count as training time
         if ((t.eval_every and step % t.eval_every == 0) or step == end_step) and stop_signal is None:
@@ -349,8 +359,7 @@ def _fit(
         if checkpoint_due or step == end_step or stop_signal is not None:
             # A finite loss can still come with an update that made the weights non-finite.
             weights_ok = torch.stack([local_shard(p.detach()).isfinite().all() for p in params]).all()
-            first_bad_step = torch.where(weights_ok, first_bad_step, torch.clamp(first_bad_step, max=step))
-            raise_if_nonfinite()  # never let a NaN model replace the last good checkpoint
+            raise_if_nonfinite(weights_ok, step)  # never let a NaN model replace the last good checkpoint
             result.checkpoint = save(step)
         interval_start += time.perf_counter() - pause_start
         result.step = step

@@ -156,6 +156,25 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert all(torch.isfinite(t).all() for t in params.values())
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_nonfinite_loss_names_its_first_step_when_found_at_a_log(tmp_path, accum):
+    # The 7th training forward is step 7 without accumulation, step 4 (its first micro-batch)
+    # with 2 micro-batches per step; found at the log of step 10, among finite earlier steps.
+    with pytest.raises(NonFiniteLossError, match=f"at step {7 if accum == 1 else 4};"):
+        _run(
+            tmp_path,
+            **{
+                "model.name": "user_models:nan_from_call",
+                "model.kwargs": "{bad_call: 7}",
+                "train.grad_accum_steps": accum,
+                "train.max_steps": 20,
+                "train.log_every": 10,
+                "checkpoint.every_steps": 0,
+            },
+        )
+    assert checkpoint.list_checkpoints(tmp_path / "runs" / "digits" / "checkpoints") == []
+
+
 def test_default_config_reaches_high_accuracy_quickly(tmp_path):
     # A shortened default job: 8 epochs already clear 90% validation accuracy on digits.
     cfg = load_config(

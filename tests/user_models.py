@@ -30,6 +30,24 @@ def sqrt_of_zero(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Modu
     return _SqrtOfZero(num_classes, input_shape)
 
 
+class _NaNFromCall(nn.Module):
+    """A linear model whose output turns NaN from its `bad_call`-th training forward on."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], bad_call: int) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.linear, self.bad_call, self.calls = nn.Linear(c * h * w, num_classes), bad_call, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        out = self.linear(x.flatten(1))
+        return out * float("nan") if self.calls >= self.bad_call else out
+
+
+def nan_from_call(num_classes: int, input_shape: tuple[int, int, int], bad_call: int) -> nn.Module:
+    return _NaNFromCall(num_classes, input_shape, bad_call)
+
+
 def wrong_signature(width: int) -> nn.Module:
     return nn.Linear(width, width)
 
