@@ -30,12 +30,10 @@ class DataError(UserError):
     pass
 
 
-# How much an in-memory dataset gathers and augments at once. Each NumPy or torch call made
-# between two training steps pays for caches the step has evicted (a 1 us NumPy call takes
-# 17 us after the digits CNN's step); one call per 16 micro-batches pays it once. But a chunk
-# past a few hundred KiB costs more than it saves (fresh pages, evicted caches): CIFAR-shaped
-# batches of 64 ran 4% faster one micro-batch at a time than in 12 MiB chunks.
-CHUNK_MAX_MICRO_BATCHES, CHUNK_MAX_BYTES = 16, 256 * 1024
+# Micro-batches an in-memory dataset gathers and augments at once. Each NumPy or torch call
+# made between two training steps pays for caches the step has evicted (a 1 us NumPy call
+# takes 17 us after the digits CNN's step); one call per 16 micro-batches pays it once.
+IN_MEMORY_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -390,13 +388,6 @@ class SeededAugment(Dataset):
         return Collated((images, labels))
 
 
-def micro_batches_per_chunk(train_set: SeededAugment, batch_size: int) -> int:
-    if not train_set.in_memory:
-        return 1  # per-sample loading: a chunk would only add latency and memory per worker
-    micro_batch_bytes = batch_size * sum(tensor[0].nbytes for tensor in train_set.base.tensors)
-    return max(1, min(CHUNK_MAX_MICRO_BATCHES, CHUNK_MAX_BYTES // micro_batch_bytes))
-
-
 class Collated(tuple):
     """A batch that is already stacked: `collate` passes it through."""
 
@@ -420,7 +411,7 @@ class Transformed(Dataset):
 class TrainBatches:
     """Micro-batches across epochs, with a checkpointable position (epoch, samples consumed).
 
-    The loader yields chunks of one or more micro-batches (see CHUNK_MAX_BYTES); they are split
+    The loader yields chunks of one or more micro-batches (see IN_MEMORY_CHUNK); they are split
     here into views, so the position still moves one micro-batch at a time.
     """
 
@@ -507,7 +498,7 @@ def build_pipeline(cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: i
     train_set = SeededAugment(datasets.train, datasets.train_transform, seed)
     train_loader = DataLoader(
         train_set,
-        batch_sampler=ChunkSampler(sampler, cfg.batch_size, micro_batches_per_chunk(train_set, cfg.batch_size)),
+        batch_sampler=ChunkSampler(sampler, cfg.batch_size, IN_MEMORY_CHUNK if train_set.in_memory else 1),
         collate_fn=collate,
         **loader_kwargs,
     )

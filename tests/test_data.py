@@ -9,7 +9,7 @@ from PIL import Image
 
 from dist_train.config import DataConfig
 from dist_train.data import (
-    CHUNK_MAX_MICRO_BATCHES,
+    IN_MEMORY_CHUNK,
     DataError,
     EvalShard,
     RandomShift,
@@ -260,7 +260,7 @@ def test_chunked_in_memory_loading_yields_the_per_sample_micro_batches_across_re
     # loading of the sampler's order gives.
     cfg = DataConfig(dataset="digits", batch_size=16, augment=True)
     pipe = build_pipeline(cfg, _cpu_env(rank=1, world=2), grad_accum_steps=1, seed=3)
-    assert pipe.train.loader.batch_sampler.chunk_size == 16 * CHUNK_MAX_MICRO_BATCHES  # the chunked path
+    assert pipe.train.loader.batch_sampler.chunk_size == 16 * IN_MEMORY_CHUNK  # the chunked path
     steps_per_epoch = pipe.train.steps_per_epoch
     pipe.train.load_state_dict({"epoch": 0, "samples_consumed": (steps_per_epoch - 4) * 32})
     got = [pipe.train.next_micro_batch() for _ in range(4 + 20)]
@@ -279,12 +279,3 @@ def test_chunked_in_memory_loading_yields_the_per_sample_micro_batches_across_re
         assert torch.equal(images, torch.stack([x for x, _ in batch]))
         assert torch.equal(labels, torch.stack([y for _, y in batch]))
     assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 20 * 32}
-
-
-def test_chunks_are_capped_in_bytes():
-    # Digits micro-batches are 8 KiB: 16 to a chunk. CIFAR-shaped ones (768 KiB) go one at a time.
-    digits = build_pipeline(DataConfig(dataset="digits", batch_size=32), _cpu_env(), grad_accum_steps=1, seed=0)
-    assert digits.train.loader.batch_sampler.chunk_size == 32 * CHUNK_MAX_MICRO_BATCHES
-    cifar_shaped = DataConfig(dataset="synthetic", synthetic_shape=[3, 32, 32], synthetic_size=256, batch_size=64)
-    synthetic = build_pipeline(cifar_shaped, _cpu_env(), grad_accum_steps=1, seed=0)
-    assert synthetic.train.loader.batch_sampler.chunk_size == 64
