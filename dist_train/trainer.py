@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import time
@@ -34,6 +35,7 @@ from dist_train.distributed import (
     broadcast_object,
     is_timeout,
     process_group,
+    retain_freed_host_memory,
     seed_everything,
     unresponsive_ranks,
 )
@@ -66,6 +68,8 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
 
 
 def train(cfg: Config) -> TrainResult:
+    if cfg.train.retain_host_memory:
+        retain_freed_host_memory()
     with process_group(cfg.parallel.collective_timeout_s) as env:
         return _train(cfg, env)
 
@@ -260,19 +264,22 @@ def _fit(
     skip_nonfinite, update, skipped_steps = t.nonfinite == "skip", True, 0
     interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
-    def raise_if_nonfinite(weights_ok: torch.Tensor | None = None, step: int = 0) -> None:
-        # The first step, on any rank, whose loss (or, at `step`, whose weights) went non-finite.
-        first_bad = torch.full((), last_step + 1, dtype=torch.long, device=device)
-        if counted_losses:
-            steps = torch.tensor(counted_steps, device=device)
-            first_bad = torch.where(torch.stack(counted_losses).isfinite(), first_bad, steps).min()
+    def summed_losses(weights_ok: torch.Tensor | None = None, step: int = 0) -> list[float]:
+        """This interval's step losses summed over ranks, in one all-reduce that also finds the
+        first step whose loss (or, at `step`, whose weights) went non-finite on any rank: a
+        NaN or Inf on one rank stays one in the sum. Every rank counts the same steps."""
+        values = torch.stack(counted_losses) if counted_losses else torch.zeros(0, device=device)
+        steps = list(counted_steps)
         if weights_ok is not None:
-            first_bad = torch.where(weights_ok, first_bad, first_bad.clamp(max=step))
-        bad = all_reduce_min(first_bad).item()
-        if bad <= last_step:
+            values = torch.cat([values, torch.where(weights_ok, 0.0, math.nan).reshape(1).to(values.dtype)])
+            steps.append(step)
+        sums = all_reduce_sum(values).tolist()
+        bad = next((s for s, value in zip(steps, sums, strict=True) if not math.isfinite(value)), None)
+        if bad is not None:
             raise NonFiniteLossError(
                 f"loss or weights became NaN/Inf at step {bad}; stopping (checkpoints written before it are kept)"
             )
+        return sums[: len(counted_losses)]
 
     model.train()
     for step in range(start_step + 1, end_step + 1):
@@ -299,8 +306,10 @@ def _fit(
         grad_norm = None
         if t.clip_grad_norm is not None or log_now or skip_nonfinite:
             scaler.unscale_(optimizer)  # clip and report the true gradient, not the fp16-scaled one
-            max_norm = t.clip_grad_norm if t.clip_grad_norm is not None else float("inf")
-            grad_norm = nn.utils.clip_grad_norm_(params, max_norm)
+            if t.clip_grad_norm is not None:
+                grad_norm = nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+            else:  # only reported: clipping at infinity would still rescale every gradient by 1
+                grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if skip_nonfinite:
             # Every rank must skip the same steps: agreed at the cost of one host sync per step.
             finite = torch.isfinite(step_loss) & torch.isfinite(_full(grad_norm))
@@ -317,9 +326,8 @@ def _fit(
         steps_in_interval += 1
 
         if log_now:
-            raise_if_nonfinite()
-            loss_sum = torch.stack(counted_losses).sum() if counted_losses else torch.zeros((), device=device)
-            loss_mean = all_reduce_sum(loss_sum) / (env.world_size * t.grad_accum_steps * len(counted_losses))
+            step_sums = summed_losses()  # NaN mean when nonfinite=skip skipped the whole interval
+            loss_mean = sum(step_sums) / (env.world_size * t.grad_accum_steps * len(step_sums) or math.nan)
             elapsed = time.perf_counter() - interval_start
             speed = {"samples_per_s": data.global_batch * steps_in_interval / elapsed}
             if tokens_per_sample:
@@ -332,7 +340,7 @@ def _fit(
             logger.log(
                 step,
                 {
-                    "loss": loss_mean.item(),
+                    "loss": loss_mean,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": _full(grad_norm).item(),
                     "epoch": data.train.epoch,
@@ -359,7 +367,7 @@ def _fit(
         if checkpoint_due or step == end_step or stop_signal is not None:
             # A finite loss can still come with an update that made the weights non-finite.
             weights_ok = torch.stack([local_shard(p.detach()).isfinite().all() for p in params]).all()
-            raise_if_nonfinite(weights_ok, step)  # never let a NaN model replace the last good checkpoint
+            summed_losses(weights_ok, step)  # never let a NaN model replace the last good checkpoint
             result.checkpoint = save(step)
         interval_start += time.perf_counter() - pause_start
         result.step = step
