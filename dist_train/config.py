@@ -117,6 +117,9 @@ class TrainConfig:
     compile: bool = False
     # Peak FLOP/s of one device in TFLOP/s for MFU; None looks the GPU up by name (bf16 dense).
     peak_tflops: float | None = None
+    # Keep freed host memory in the process for the next step (glibc only; see
+    # distributed.retain_freed_host_memory) instead of page-faulting it back every step.
+    retain_host_memory: bool = True
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""Process-group setup from torchrun's environment, per-rank seeding, and collectives helpers."""
+"""Process setup (process group from torchrun's environment, per-rank seeding, the host
+allocator) and collectives helpers."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
 import random
@@ -29,6 +31,31 @@ class DistEnv:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1 or dist.is_initialized()
+
+
+# mallopt parameters from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for this setting on 64-bit builds
+TRIM_THRESHOLD = 2**30
+
+
+def retain_freed_host_memory() -> bool:
+    """Make glibc keep freed memory for reuse rather than hand it back to the OS.
+
+    By default glibc gives each large block its own mapping, unmapped on free, and trims the
+    heap whenever its free top outgrows a threshold that it adapts as the program runs. A
+    training step frees and allocates the same buffers every time, so on CPU a step can fault
+    megabytes of fresh, kernel-zeroed pages back in: measured on the seed CNN, 0 to 1,200
+    faults a step depending on the run, and up to a quarter of its throughput. Now blocks up
+    to 32 MiB come from the heap and up to 1 GiB of free heap stays mapped; the peak memory
+    is unchanged, only kept. Returns False where the C library is not glibc (macOS, musl).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def read_env() -> tuple[int, int, int]:
