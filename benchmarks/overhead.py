@@ -3,6 +3,7 @@ Face Accelerate on the same workload, in one invocation, as ratios to the hand-w
 
     python benchmarks/overhead.py                       # every workload, 10 repetitions
     python benchmarks/overhead.py --workloads cnn --reps 5 --out results.json
+    python benchmarks/overhead.py --allocator retained  # only the equal-allocator comparison
 
 Workloads (benchmarks/loops.py holds the hand-written, Fabric and Accelerate versions):
 - cnn: the seed CNN (conv 6/16, fc 120/84/10) on CIFAR-shaped in-memory tensors, batch 64 per
@@ -23,6 +24,13 @@ per-repetition ratios, with their range. The last column, the ratio of the two m
 check on it where one side's runs spread much more widely than the other's.
 Fabric and Accelerate are optional (pip install -e ".[bench]") and are skipped with a note
 when absent.
+
+Allocator: glibc's default returns freed memory to the OS and faults it back in, which on
+this CPU costs anywhere from nothing to a quarter of a run's throughput, depending on the
+run's allocation history. dist_train switches that off in its workers (train.retain_host_memory);
+the other loops run as written. `default` measures every loop as its user gets it;
+`retained` gives every loop glibc's environment settings with dist_train's values, so that
+the ratio is the loops' own overhead. Both are measured by default, interleaved.
 """
 
 from __future__ import annotations
@@ -41,6 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from dist_train.distributed import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
+
+# glibc reads these at start-up: the settings retain_freed_host_memory() makes with mallopt.
+RETAINED = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+ALLOCATORS = ("default", "retained")
 FRAMEWORKS = ("plain", "dist_train", "fabric", "accelerate")
 OPTIONAL = {"fabric": ("lightning_fabric", "lightning"), "accelerate": ("accelerate",)}
 
@@ -95,10 +109,14 @@ def command(w: Workload, name: str, framework: str, nproc: int, precision: str, 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *worker]
 
 
-def measure(name: str, framework: str, nproc: int, precision: str) -> float:
+def measure(name: str, framework: str, nproc: int, precision: str, allocator: str = "default") -> float:
     """Samples/s over the measured steps of one run."""
     w = WORKLOADS[name]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    for key in RETAINED:
+        env.pop(key, None)
+    if allocator == "retained":
+        env.update(RETAINED)
     # A rare SIGABRT in a two-process run (seen once, in Fabric with bf16) should cost one
     # rerun, in a fresh directory, not the hour of measurements before it.
     for attempt in (1, 2):
@@ -126,43 +144,53 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--allocator", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS))
     parser.add_argument("--out", type=Path, default=None, help="write all measurements as JSON here")
     args = parser.parse_args()
 
     skipped = [f for f, modules in OPTIONAL.items() if not any(importlib.util.find_spec(m) for m in modules)]
     for framework in skipped:
         print(f"note: {framework} skipped ({OPTIONAL[framework][0]} is not installed; pip install -e '.[bench]')")
-    cases = [(name, n, p) for name in args.workloads for n in WORKLOADS[name].nproc for p in WORKLOADS[name].precision]
+    cases = [
+        (name, n, p, a)
+        for name in args.workloads
+        for a in args.allocator
+        for n in WORKLOADS[name].nproc
+        for p in WORKLOADS[name].precision
+    ]
     results: dict[tuple, list[float]] = {}
     for rep in range(args.reps):
-        for name, nproc, precision in cases:
+        for name, nproc, precision, allocator in cases:
             frameworks = [f for f in WORKLOADS[name].frameworks if f not in skipped]
             # Rotate the order each repetition, so no framework always runs first or last.
             order = frameworks[rep % len(frameworks) :] + frameworks[: rep % len(frameworks)]
             for framework in order:
-                value = measure(name, framework, nproc, precision)
-                results.setdefault((name, nproc, precision, framework), []).append(value)
-                print(f"rep {rep + 1}/{args.reps} {name} x{nproc} {precision} {framework:>10}: {value:8.1f} samples/s")
+                value = measure(name, framework, nproc, precision, allocator)
+                results.setdefault((name, nproc, precision, allocator, framework), []).append(value)
+                print(
+                    f"rep {rep + 1}/{args.reps} {name} x{nproc} {precision} {allocator} {framework:>10}: "
+                    f"{value:8.1f} samples/s"
+                )
 
     print(f"\n{args.reps} interleaved repetitions; {platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {__import__('torch').__version__}, {time.strftime('%Y-%m-%d')}\n")  # fmt: skip
     print(
-        "| workload | processes | precision | framework | throughput (median) | vs. hand-written | range | "
-        "median / hand-written median |"
+        "| workload | processes | precision | allocator | framework | throughput (median) | vs. hand-written | "
+        "range | median / hand-written median |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
     table = []
-    for (name, nproc, precision, framework), values in results.items():
+    for (name, nproc, precision, allocator, framework), values in results.items():
         w = WORKLOADS[name]
-        plain = results[(name, nproc, precision, "plain")]
+        plain = results[(name, nproc, precision, allocator, "plain")]
         ratios = [v / p for v, p in zip(values, plain, strict=True)]  # same repetition: drift cancels
         unit, scale = ("tokens/s", w.tokens_per_sample) if w.tokens_per_sample else ("samples/s", 1)
-        row = {"workload": name, "nproc": nproc, "precision": precision, "framework": framework,
+        row = {"workload": name, "nproc": nproc, "precision": precision, "allocator": allocator, "framework": framework,
                "median": statistics.median(values) * scale, "unit": unit, "ratio": statistics.median(ratios),
                "ratio_min": min(ratios), "ratio_max": max(ratios),
                "ratio_of_medians": statistics.median(values) / statistics.median(plain), "values": values}  # fmt: skip
         table.append(row)
-        print(f"| {name} | {nproc} | {precision} | {framework} | {row['median']:,.0f} {unit} | "
+        print(f"| {name} | {nproc} | {precision} | {allocator} | {framework} | {row['median']:,.0f} {unit} | "
               f"{row['ratio']:.3f}x | {row['ratio_min']:.2f}-{row['ratio_max']:.2f} | "
               f"{row['ratio_of_medians']:.3f}x |")  # fmt: skip
     if args.out:
