@@ -122,7 +122,7 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
     try:
         run(get_args_parser().parse_args(cmd[3:]))
     except SignalException as exc:  # SIGTERM/SIGINT/SIGHUP: torchrun has already stopped the workers
-        if _stopped_early(cfg):  # they had time to checkpoint: resumable, as after the warning signal
+        if _report_early_stop(cfg):  # they had time to checkpoint: resumable, as after the warning signal
             return PREEMPTED_EXIT_CODE
         print(f"launch: stopped by {exc.sigval.name}; the workers were shut down", file=sys.stderr)
         return 128 + int(exc.sigval)
@@ -130,10 +130,11 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
         rank, failure = min(exc.failures.items())
         print(f"error: worker rank {rank} exited with code {failure.exitcode}; its message is above", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
-    return PREEMPTED_EXIT_CODE if _stopped_early(cfg) else 0
+    return PREEMPTED_EXIT_CODE if _report_early_stop(cfg) else 0
 
 
-def _stopped_early(cfg: Config) -> bool:
+def _report_early_stop(cfg: Config) -> bool:
+    """Whether the workers saved a checkpoint and stopped early; if so, says so on stderr."""
     marker = cfg.run_dir / STOPPED_MARKER
     if not marker.is_file():
         return False
