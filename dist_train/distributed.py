@@ -9,6 +9,7 @@ import datetime
 import os
 import random
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -45,17 +46,21 @@ def retain_freed_host_memory() -> bool:
     By default glibc gives each large block its own mapping, unmapped on free, and trims the
     heap whenever its free top outgrows a threshold that it adapts as the program runs. A
     training step frees and allocates the same buffers every time, so on CPU a step can fault
-    megabytes of fresh, kernel-zeroed pages back in: measured on the seed CNN, 0 to 1,200
-    faults a step depending on the run, and up to a quarter of its throughput. Now blocks up
-    to 32 MiB come from the heap and up to 1 GiB of free heap stays mapped; the peak memory
-    is unchanged, only kept. Returns False where the C library is not glibc (macOS, musl).
+    megabytes of fresh, kernel-zeroed pages back in: measured on the seed CNN, 0.1 to 1,400
+    faults a step depending on the run, and up to 30% of its throughput. Now blocks up to
+    32 MiB come from the heap and up to 1 GiB of free heap stays mapped: what a spike frees
+    stays with the process until it exits. Returns False where the C library is not glibc
+    (macOS, Windows, musl) or refuses a setting (32-bit glibc caps the first at 16 MiB).
     """
+    if not sys.platform.startswith("linux"):
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mapped_ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mapped_ok)
 
 
 def read_env() -> tuple[int, int, int]:

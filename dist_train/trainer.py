@@ -271,7 +271,8 @@ def _fit(
         values = torch.stack(counted_losses) if counted_losses else torch.zeros(0, device=device)
         steps = list(counted_steps)
         if weights_ok is not None:
-            values = torch.cat([values, torch.where(weights_ok, 0.0, math.nan).reshape(1).to(values.dtype)])
+            # .to(values): with FSDP's CPU offload the shards, and so weights_ok, live on the CPU.
+            values = torch.cat([values, torch.where(weights_ok, 0.0, math.nan).reshape(1).to(values)])
             steps.append(step)
         sums = all_reduce_sum(values).tolist()
         bad = next((s for s, value in zip(steps, sums, strict=True) if not math.isfinite(value)), None)
