@@ -26,7 +26,7 @@ Fabric and Accelerate are optional (pip install -e ".[bench]") and are skipped w
 when absent.
 
 Allocator: glibc's default returns freed memory to the OS and faults it back in, which on
-this CPU costs anywhere from nothing to a quarter of a run's throughput, depending on the
+this CPU costs anywhere from nothing to 30% of a run's throughput, depending on the
 run's allocation history. dist_train switches that off in its workers (train.retain_host_memory);
 the other loops run as written. `default` measures every loop as its user gets it;
 `retained` gives every loop glibc's environment settings with dist_train's values, so that

@@ -274,7 +274,8 @@ def build_datasets(cfg: DataConfig) -> Datasets:
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler that starts mid-epoch and yields only whole global batches.
 
-    Yields (epoch, index) pairs so the dataset can seed per-sample augmentation.
+    `shard()` is this rank's share of the epoch's order, which the training loader reads in
+    chunks (ChunkSampler); iterating yields the same as (epoch, index) pairs, one per sample.
     The epoch is cut to a multiple of the global batch: every optimizer step sees a full
     batch and no rank ever has more batches than another.
     """
