@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_train.config import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -71,23 +73,57 @@ def read_env() -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
+def select_device(local_rank: int, local_world_size: int) -> torch.device:
+    """GPU number `local_rank` where CUDA is available, else the CPU. More processes on a node
+    than GPUs is one line here rather than NCCL's "Duplicate GPU detected" from inside a
+    collective (torchrun started by hand; `dist-train launch` checks it before starting)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if max(local_world_size, local_rank + 1) > gpus:
+        raise UserError(
+            f"{max(local_world_size, local_rank + 1)} processes on this node but {gpus} GPU(s) visible: two ranks "
+            f"would share a GPU; start at most {gpus} per node (torchrun --nproc-per-node) or change "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backends. On CUDA NCCL carries GPU tensors and gloo CPU tensors:
+    FSDP's CPU offload reduces the norm of CPU gradient shards over the default group, which
+    a NCCL-only group cannot do ("No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def set_cuda_math(tf32: bool, cudnn_benchmark: bool) -> None:
+    """Process-wide CUDA math settings: TF32 tensor cores for fp32 matmuls and convolutions
+    (PyTorch leaves them off for matmuls), and cuDNN's per-shape algorithm search."""
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def use_channels_last(setting: bool | str, device: torch.device, input_shape: tuple[int, ...]) -> bool:
+    """train.channels_last: only images (batches of 4 dimensions) have a channels_last
+    layout; `auto` uses it on CUDA, where tensor-core convolutions read NHWC natively."""
+    is_image = len(input_shape) == 3
+    return is_image and (device.type == "cuda" if setting == "auto" else bool(setting))
+
+
 @contextlib.contextmanager
 def process_group(timeout_s: float = 1800.0) -> Iterator[DistEnv]:
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and always leave it.
+    """Join torchrun's process group (NCCL and gloo on CUDA, gloo on CPU) and always leave it.
     A collective that waits longer than timeout_s for a peer fails instead of hanging."""
     rank, local_rank, world_size = read_env()
-    if torch.cuda.is_available():
-        # One GPU per local rank; wraps around only if the user starts more workers than GPUs.
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = select_device(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
+    backend = backend_for(device)
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ
     started_here = False
     if under_torchrun and not dist.is_initialized():
-        kwargs = {"device_id": device} if backend == "nccl" else {}
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
         timeout = datetime.timedelta(seconds=timeout_s)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

@@ -9,12 +9,19 @@ from torch import nn
 # Dense bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched against
 # torch.cuda.get_device_name. Sparse figures are twice these; MFU conventions use dense.
 PEAK_BF16_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM; also the NVL figure per GPU
+    # First match wins: a longer name before any name it contains (H200 NVL, H200, H20).
     ("GH200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM
+    ("H800 PCIe", 756.0),
+    ("H800", 989.0),  # SXM: the H100 SXM's compute, export-limited links
+    ("H20", 148.0),
     ("B200", 2250.0),
     ("A100", 312.0),
+    ("A800", 312.0),
     ("L40S", 362.0),
     ("L40", 181.0),
     ("A10G", 70.0),  # AWS g5

@@ -20,15 +20,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+def use_fused(setting: bool | str, device: torch.device, cpu_offload: bool) -> bool:
+    """optim.fused: `auto` fuses where the parameters live on a GPU. There a fused step is one
+    kernel launch per parameter group instead of several per tensor, and it reads
+    GradScaler's inf flag on the device, where the unfused step syncs the host every step."""
+    if setting == "auto":
+        return device.type == "cuda" and not cpu_offload
+    return bool(setting)
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    kernels = {"fused": fused or None}  # None: torch's default (foreach where it can)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
     betas = (cfg.betas[0], cfg.betas[1])
     if cfg.name == "adam":
         # Adam's weight_decay is L2 added to the gradient (coupled), as in torch.optim.Adam.
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **kernels)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, **kernels)
+
+
+def keep_kernel_choice(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After loading a checkpoint: load_state_dict replaces each group's settings with the
+    saved ones, `fused` included, so a run resumed on a GPU from a CPU checkpoint would
+    silently keep the CPU's choice."""
+    for group in optimizer.param_groups:
+        group["fused"] = fused or None
 
 
 def lr_multiplier(cfg: ScheduleConfig, step: int, total_steps: int) -> float:

@@ -27,6 +27,9 @@ class SingleProcess:
     def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
         return contextlib.nullcontext()
 
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)  # frees the gradients until backward needs them
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
@@ -38,13 +41,23 @@ class DDP(SingleProcess):
         self.env, self.bucket_cap_mb = env, bucket_cap_mb
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        if not self.env.is_distributed:
-            return model  # DDP needs a process group; a lone process trains the plain model.
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         # gradient_as_bucket_view: gradients live in the all-reduce buckets, saving a copy.
+        # broadcast_buffers=False: no broadcast of BatchNorm statistics before every forward;
+        # the loop gives every rank rank 0's buffers before it evaluates, where they matter.
         return DistributedDataParallel(
-            model, device_ids=device_ids, bucket_cap_mb=self.bucket_cap_mb, gradient_as_bucket_view=True
+            model,
+            device_ids=device_ids,
+            bucket_cap_mb=self.bucket_cap_mb,
+            gradient_as_bucket_view=True,
+            broadcast_buffers=False,
         )
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        # The gradients are views into DDP's buckets: zeroed in place, backward accumulates
+        # straight into the buckets; set to None, every step would allocate new gradients
+        # and DDP would copy them into the buckets.
+        optimizer.zero_grad(set_to_none=False)
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
         # Forward and backward must both run inside no_sync for the all-reduce to be skipped.
@@ -106,16 +119,25 @@ class FSDP(SingleProcess):
         self.env, self.cfg, self.precision = env, cfg, precision
         # bf16 params and compute with fp32 gradient reduction; FSDP casts, so no autocast.
         self.handles_precision = precision == "bf16"
+        self._last_micro_batch: bool | None = None  # what gradient_sync last set
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        kwargs: dict = {"reshard_after_forward": self.cfg.reshard_after_forward}
-        if self.handles_precision:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        common: dict = {}
         if self.cfg.cpu_offload:
             # Pinned host memory speeds copies to a GPU and needs one.
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
+            common["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
+        kwargs = {**common, "reshard_after_forward": self.cfg.reshard_after_forward}
+        if self.handles_precision:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # BatchNorm keeps fp32 running statistics, which its kernels refuse beside bf16
+            # weights: its weights stay fp32 in a unit of their own (tiny, so kept gathered),
+            # and take the bf16 activations as they come, as under autocast.
+            norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if norms:
+                fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=False)
+                fully_shard(norms, **common, mp_policy=fp32, reshard_after_forward=False)
         units = shard_units(model)
         if not units and self.env.is_main:
             warnings.warn(
@@ -125,13 +147,23 @@ class FSDP(SingleProcess):
             )
         for unit in units:
             fully_shard(unit, **kwargs)
-        fully_shard(model, **kwargs)
+        # The root stays gathered from forward to backward: it runs first in backward (head,
+        # tied embedding), so freeing it would only gather it again at once. True here would
+        # also switch off FSDP2's root exemption.
+        fully_shard(model, **{**kwargs, "reshard_after_forward": False})
         return model
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> ContextManager:
-        # By default no reduce-scatter on non-final micro-batches: unsharded gradients accumulate
-        # locally, trading memory for k-fold less traffic; sync_every_micro_batch trades back.
-        model.set_requires_gradient_sync(enabled or self.cfg.sync_every_micro_batch)
+        last_micro_batch = enabled
+        if last_micro_batch != self._last_micro_batch:  # walks every module: only on a change
+            # By default no reduce-scatter on non-final micro-batches: unsharded gradients
+            # accumulate locally, trading memory for k-fold less traffic; sync_every_micro_batch
+            # trades back. Parameters gathered for a non-final backward stay gathered for the
+            # next micro-batch's forward: one all-gather per micro-batch, not two, for the
+            # memory of the unsharded parameters between micro-batches.
+            model.set_requires_gradient_sync(last_micro_batch or self.cfg.sync_every_micro_batch)
+            model.set_reshard_after_backward(last_micro_batch)
+            self._last_micro_batch = last_micro_batch
         return contextlib.nullcontext()
 
 
@@ -145,7 +177,9 @@ def check_world_size(strategy: str, world_size: int) -> None:
 
 def build_strategy(cfg: ParallelConfig, env: DistEnv, precision: str = "fp32") -> SingleProcess:
     check_world_size(cfg.strategy, env.world_size)
-    if cfg.strategy == "ddp":
+    if cfg.strategy == "ddp" and env.world_size > 1:
+        # With one process DDP only adds its hooks and bucket copies (about 10% of a small
+        # model's step on a CPU): it trains as `none`, whose checkpoints are the same.
         return DDP(env, cfg.bucket_cap_mb)
     if cfg.strategy == "fsdp":
         if not env.is_distributed:

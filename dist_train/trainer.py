@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_train import checkpoint
-from dist_train.config import Config, ConfigError, UserError, dump_yaml, to_dict
+from dist_train.config import Config, ConfigError, UserError, dump_yaml, resolve_auto, to_dict
 from dist_train.data import DataPipeline, build_pipeline, total_steps
 from dist_train.distributed import (
     DistEnv,
@@ -37,12 +37,14 @@ from dist_train.distributed import (
     process_group,
     retain_freed_host_memory,
     seed_everything,
+    set_cuda_math,
     unresponsive_ranks,
+    use_channels_last,
 )
 from dist_train.efficiency import flops_per_token, local_shard, mfu, param_and_optimizer_bytes, peak_flops
 from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.models import build_model
-from dist_train.optim import build_optimizer, build_scheduler, load_scheduler_position
+from dist_train.optim import build_optimizer, build_scheduler, keep_kernel_choice, load_scheduler_position, use_fused
 from dist_train.parallel import build_strategy, prepare_blocks
 from dist_train.preemption import STOPPED_MARKER, StopRequest
 
@@ -68,7 +70,7 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
 
 
 def train(cfg: Config) -> TrainResult:
-    if cfg.train.retain_host_memory:
+    if resolve_auto(cfg.train.retain_host_memory, when_auto=not torch.cuda.is_available()):
         retain_freed_host_memory()
     with process_group(cfg.parallel.collective_timeout_s) as env:
         return _train(cfg, env)
@@ -77,6 +79,8 @@ def train(cfg: Config) -> TrainResult:
 def _train(cfg: Config, env: DistEnv) -> TrainResult:
     strategy = build_strategy(cfg.parallel, env, cfg.train.precision)
     autocast(cfg.train.precision, env.device)  # fails fast on fp16 without a GPU
+    if env.device.type == "cuda":
+        set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
     run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     resume_mode = cfg.checkpoint.resume
     if resume_mode == "never" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -97,8 +101,13 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
     data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
     model = build_model(cfg.model, data.spec).to(env.device)
+    channels_last = use_channels_last(cfg.train.channels_last, env.device, data.spec.input_shape)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = strategy.wrap(prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.train.compile))
-    optimizer = build_optimizer(cfg.optim, model)
+    offloaded = strategy.name == "fsdp" and cfg.parallel.cpu_offload
+    fused = use_fused(cfg.optim.fused, env.device, cpu_offload=offloaded)
+    optimizer = build_optimizer(cfg.optim, model, fused)
     last_step = total_steps(cfg.train.max_steps, cfg.train.max_epochs, data.train.steps_per_epoch)
     scheduler = build_scheduler(cfg.schedule, optimizer, last_step)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
@@ -107,6 +116,7 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     start_step, wandb_run_id = 0, new_wandb_run_id()
     if state is not None:
         checkpoint.load_model_and_optimizer(resume_from, model, optimizer)
+        keep_kernel_choice(optimizer, fused)
         load_scheduler_position(scheduler, state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         data.train.load_state_dict(state["data"])
@@ -135,10 +145,14 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
             if world_change:
                 logger.message(world_change)
+        settings = [strategy.name, cfg.train.precision]
+        settings += ["channels_last"] if channels_last else []
+        settings += ["fused optimizer"] if fused else []
+        settings += [f"process group {dist.get_backend()}"] if dist.is_initialized() else []
         logger.message(
             f"training {last_step} steps of global batch {data.global_batch} "
             f"({env.world_size} x {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation) "
-            f"on {env.device}, {strategy.name}, {cfg.train.precision}"
+            f"on {env.device}, {', '.join(settings)}"
         )
         if data.baseline_val_loss is not None:
             logger.message(f"baseline: val_loss={data.baseline_val_loss:.4g} predicting from token frequencies alone")
@@ -246,6 +260,8 @@ def _fit(
     t = cfg.train
     amp = contextlib.nullcontext() if strategy.handles_precision else autocast(t.precision, env.device)
     device = env.device
+    channels_last = use_channels_last(t.channels_last, device, data.spec.input_shape)
+    input_format = torch.channels_last if channels_last else torch.preserve_format
     params = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult(step=start_step)
     end_step = min(last_step, t.stop_at_step or last_step)  # where this invocation stops
@@ -289,7 +305,7 @@ def _fit(
             fetch_start = time.perf_counter()
             inputs, targets = data.train.next_micro_batch()
             data_wait += time.perf_counter() - fetch_start
-            inputs = inputs.to(device, non_blocking=True)
+            inputs = inputs.to(device, non_blocking=True, memory_format=input_format)
             targets = targets.to(device, non_blocking=True)
             # Gradients are all-reduced only on the last micro-batch of the step.
             with strategy.gradient_sync(model, enabled=micro == t.grad_accum_steps - 1):
@@ -322,11 +338,13 @@ def _fit(
         else:
             skipped_steps += 1
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        strategy.zero_grad(optimizer)
         scheduler.step()  # once per optimizer step, never per micro-batch
         steps_in_interval += 1
 
         if log_now:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the interval's time includes its queued kernels
             step_sums = summed_losses()  # NaN mean when nonfinite=skip skipped the whole interval
             loss_mean = sum(step_sums) / (env.world_size * t.grad_accum_steps * len(step_sums) or math.nan)
             elapsed = time.perf_counter() - interval_start
@@ -336,8 +354,10 @@ def _fit(
                 if model_flops and peak:
                     speed["mfu"] = mfu(speed["tokens_per_s"] / env.world_size, model_flops, peak)
             memory = {"param_optim_mb": param_and_optimizer_bytes(model, optimizer) / 2**20}  # this rank's
-            if device.type == "cuda":
-                memory["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda":  # the fullest rank's peak over this interval
+                peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+                memory["max_memory_gb"] = all_reduce_max(peak).item()
+                torch.cuda.reset_peak_memory_stats(device)
             logger.log(
                 step,
                 {
@@ -356,20 +376,28 @@ def _fit(
             counted_steps.clear()
             interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
+        eval_due = ((t.eval_every and step % t.eval_every == 0) or step == end_step) and stop_signal is None
+        checkpoint_due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        checkpoint_due = checkpoint_due or step == end_step or stop_signal is not None
+        if (eval_due or checkpoint_due) and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's queued kernels are training time, not pause
         pause_start = time.perf_counter()  # evaluation and saving do not count as training time
-        if ((t.eval_every and step % t.eval_every == 0) or step == end_step) and stop_signal is None:
+        if eval_due:
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
-            result.eval_metrics = evaluate(strategy.unwrap(model), data.val_loader, device, amp, t.eval_batches)
+            result.eval_metrics = evaluate(
+                strategy.unwrap(model), data.val_loader, device, amp, t.eval_batches, input_format
+            )
             logger.log(step, result.eval_metrics)
             model.train()
 
-        checkpoint_due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        if checkpoint_due or step == end_step or stop_signal is not None:
+        if checkpoint_due:
             # A finite loss can still come with an update that made the weights non-finite.
             weights_ok = torch.stack([local_shard(p.detach()).isfinite().all() for p in params]).all()
             summed_losses(weights_ok, step)  # never let a NaN model replace the last good checkpoint
+            save_start = time.perf_counter()
             result.checkpoint = save(step)
+            logger.log(step, {"checkpoint_save_s": time.perf_counter() - save_start})  # the training stall
         interval_start += time.perf_counter() - pause_start
         result.step = step
         if stop_signal is not None and step < end_step:
@@ -386,7 +414,12 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, device: torch.device, amp: ContextManager, max_batches: int | None = None
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp: ContextManager,
+    max_batches: int | None = None,
+    input_format: torch.memory_format = torch.preserve_format,
 ) -> dict[str, float]:
     """Loss and accuracy over the validation split (or the first max_batches of each rank's
     shard, always the same ones), summed across ranks so every rank gets the same numbers.
@@ -402,7 +435,8 @@ def evaluate(
     for index in range(rounds):
         if index < own_batches:
             inputs, targets = next(batches)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            inputs = inputs.to(device, non_blocking=True, memory_format=input_format)
+            targets = targets.to(device, non_blocking=True)
         with amp:
             logits = model(inputs)
         if index >= own_batches:

@@ -75,12 +75,13 @@ def test_strategy_none_refuses_several_processes(tmp_path):
     assert "parallel.strategy=none cannot train with 2 processes" in proc.stderr
 
 
-def test_single_process_strategies_do_not_wrap():
+def test_one_process_trains_ddp_as_none():
     env = DistEnv(0, 0, 1, torch.device("cpu"))
     model = torch.nn.Linear(2, 2)
-    assert isinstance(build_strategy(ParallelConfig(strategy="none"), env), SingleProcess)
-    ddp = build_strategy(ParallelConfig(strategy="ddp"), env)
-    assert isinstance(ddp, DDP) and ddp.wrap(model) is model and ddp.unwrap(model) is model
+    for strategy in ("none", "ddp"):
+        single = build_strategy(ParallelConfig(strategy=strategy), env)
+        assert type(single) is SingleProcess and single.wrap(model) is model and single.unwrap(model) is model
+    assert isinstance(build_strategy(ParallelConfig(strategy="ddp"), DistEnv(0, 0, 2, torch.device("cpu"))), DDP)
 
 
 def test_two_rank_resume_is_bitwise_exact(tmp_path):
