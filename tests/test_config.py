@@ -527,3 +527,15 @@ def test_dump_yaml_keeps_section_order():
     text = dump_yaml(load_config(DIGITS))
     order = [line.rstrip(":") for line in text.splitlines() if line and not line.startswith(" ")]
     assert order == [f.name for f in dataclasses.fields(Config)]
+
+
+@pytest.mark.parametrize("key", ["train.channels_last", "train.retain_host_memory", "optim.fused"])
+def test_a_true_false_auto_key(key):
+    section, name = key.split(".")
+    assert getattr(getattr(load_config(DIGITS), section), name) == "auto"  # the default
+    for text, value in (("true", True), ("false", False), ("auto", "auto")):
+        assert getattr(getattr(load_config(DIGITS, [f"{key}={text}"]), section), name) == value
+    with pytest.raises(ConfigError, match=rf"^{key} must be true, false or auto; got 'sometimes'$"):
+        load_config(DIGITS, [f"{key}=sometimes"])
+    with pytest.raises(ConfigError, match=rf"^{key} must be true, false or auto; got 1$"):
+        load_config(DIGITS, [f"{key}=1"])

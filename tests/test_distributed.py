@@ -1,4 +1,5 @@
-"""Process setup: the host allocator setting, checked by the page faults it saves."""
+"""Process setup: device and backend choice, CUDA math settings, and the host allocator
+setting, checked by the page faults it saves."""
 
 import json
 import os
@@ -8,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from dist_train.config import UserError
+from dist_train.distributed import backend_for, select_device, set_cuda_math, use_channels_last
 
 # Eight 4 MiB and eight 64 KiB blocks, written and freed, four rounds: the allocation pattern of
 # a training step in miniature. Prints the minor page faults of each round after the first.
@@ -56,3 +61,50 @@ def test_retained_host_memory_is_reused_without_page_faults():
     # (in 2 MiB pages, a few dozen faults, where the kernel backs memory with huge pages).
     pages_per_round = (8 * 4 * 2**20 + 8 * 64 * 2**10) // (2 * 2**20 if _huge_pages_always() else 4096)
     assert min(default) > pages_per_round // 2
+
+
+def _gpus(monkeypatch, count: int) -> None:
+    """Decision logic only: what the device choice does on a machine with `count` GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_each_local_rank_gets_its_own_gpu_and_never_shares_one(monkeypatch):
+    _gpus(monkeypatch, 2)
+    assert select_device(1, local_world_size=2) == torch.device("cuda", 1)
+    # torchrun started by hand with more processes than GPUs: one line, not NCCL's
+    # "Duplicate GPU detected" from inside the first collective.
+    with pytest.raises(UserError, match="4 processes on this node but 2 GPU"):
+        select_device(0, local_world_size=4)
+    with pytest.raises(UserError, match="3 processes on this node but 2 GPU"):
+        select_device(2, local_world_size=1)  # LOCAL_WORLD_SIZE missing: the rank still tells
+    _gpus(monkeypatch, 0)
+    assert select_device(3, local_world_size=4) == torch.device("cpu")
+
+
+def test_cuda_process_groups_carry_cpu_tensors_too():
+    # FSDP's CPU offload reduces CPU gradient shards over the default group.
+    assert backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert backend_for(torch.device("cpu")) == "gloo"
+    torch.distributed.Backend("cpu:gloo,cuda:nccl")  # a backend string torch accepts
+
+
+def test_cuda_math_settings():
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        set_cuda_math(tf32=True, cudnn_benchmark=True)
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+        set_cuda_math(tf32=False, cudnn_benchmark=False)
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
+
+
+def test_channels_last_is_for_images_and_by_default_on_cuda():
+    cuda, cpu, image, tokens = torch.device("cuda", 0), torch.device("cpu"), (3, 32, 32), (128,)
+    assert use_channels_last("auto", cuda, image) and not use_channels_last("auto", cpu, image)
+    assert not use_channels_last("auto", cuda, tokens) and not use_channels_last(True, cuda, tokens)
+    assert use_channels_last(True, cpu, image) and not use_channels_last(False, cuda, image)

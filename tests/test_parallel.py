@@ -197,3 +197,45 @@ def test_a_rank_that_stops_participating_fails_the_others_within_the_timeout(tmp
     assert "error (rank 0): a collective timed out after 3 s" in proc.stderr, proc.stderr[-3000:]
     assert "rank(s) 1 did not respond" in proc.stderr
     assert time.monotonic() - start < 60  # not hung: the timeout and torchrun's shutdown, no more
+
+
+@pytest.fixture(scope="module")
+def two_rank_findings(tmp_path_factory):
+    """What tests/parallel_worker.py measured inside 2 gloo processes."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    out = tmp_path_factory.mktemp("parallel") / "findings.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run(
+        [*command, "tests/parallel_worker.py", str(out)], cwd=REPO, env=cli_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_fsdp_keeps_the_root_gathered_and_gathers_once_per_micro_batch(two_rank_findings):
+    found = two_rank_findings["fsdp_gathers"]
+    # The root (embedding, head) stays gathered from forward to backward; blocks reshard.
+    assert found["root_resharded"] is False and found["blocks_resharded"] == [True, True]
+    # 2 blocks + root, 2 micro-batches a step: the first gathers root and blocks for forward
+    # and the blocks again for backward; the second keeps what backward gathered for its
+    # forward and gathers the blocks once more for its own backward (it was 6 and 6).
+    assert found["per_micro_batch"] == [5, 2, 5, 2]
+
+
+def test_fsdp_bf16_keeps_batchnorm_in_fp32_and_trains_like_autocast(two_rank_findings):
+    found = two_rank_findings["fsdp_bf16_batchnorm"]
+    assert found["fsdp_weight_dtypes"] == {"Conv2d": "torch.bfloat16", "FSDPBatchNorm2d": "torch.float32"}
+    assert found["fsdp_losses"][-1] < 0.1 * found["fsdp_losses"][0]  # it trains
+    torch.testing.assert_close(found["fsdp_losses"], found["autocast_losses"], rtol=1e-2, atol=1e-3)
+
+
+def test_ddp_zeroes_bucket_gradients_in_place_and_averages_them_right(two_rank_findings):
+    for rank in two_rank_findings["ddp"]:
+        assert rank["is_ddp"] == "DistributedDataParallel"
+        # Zeroed, not freed: backward accumulates straight into DDP's buckets.
+        assert all(value == 0.0 for step in rank["grads_after_zero_grad"] for value in step)
+        assert rank["max_gradient_error"] < 1e-6  # nothing left over from the step before

@@ -327,3 +327,20 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_to_resume(
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {previous} at step {int(previous.name[5:])}" in resumed.stdout
+
+
+def test_channels_last_trains_like_contiguous_and_ddp_on_one_process_runs_as_none(tmp_path):
+    # On CPU channels_last is opt-in; one torchrun worker with strategy ddp trains unwrapped.
+    from conftest import REPO, run_cli
+
+    nhwc_ddp = {"run.name": "nhwc", "train.channels_last": True, "parallel.strategy": "ddp"}
+    overrides = tiny_overrides(tmp_path, **nhwc_ddp)
+    proc = run_cli("launch", "configs/digits.yaml", "--nproc-per-node", "1", *overrides, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on cpu, none, fp32, channels_last, process group gloo" in proc.stdout
+    _, contiguous = _run(tmp_path, "nchw", **{"train.channels_last": False})
+    nhwc = checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / "nhwc" / "checkpoints"), "model")
+    for key, value in _final_params(contiguous).items():
+        torch.testing.assert_close(nhwc[key], value, rtol=1e-4, atol=1e-5)  # summation order only
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "nhwc" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "checkpoint_save_s" in r] == [3, 6]  # the stall of every save
