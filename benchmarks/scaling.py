@@ -12,9 +12,11 @@ bandwidth plus a per-collective latency:
 - DDP all-reduces fp32 gradients once per optimizer step (no_sync on the other micro-batches):
   2(n-1)/n x 4N bytes per GPU, in `parallel.bucket_cap_mb` buckets that overlap with the last
   micro-batch's backward; the last bucket never overlaps.
-- FSDP (bf16 parameters, fp32 reduction) all-gathers 2N bytes of parameters for each forward
-  and again for each backward (once when `reshard_after_forward` is false), and
-  reduce-scatters 4N bytes of gradients once per step (every micro-batch with
+- FSDP (bf16 parameters, fp32 reduction) all-gathers 2N bytes of parameters for the first
+  forward of a step and for every backward; what a non-final backward gathered stays for the
+  next micro-batch's forward. So k micro-batches cost k + 1 gathers, or one per step when
+  `reshard_after_forward` is false (parameters then stay gathered through the whole step).
+  It reduce-scatters 4N bytes of gradients once per step (every micro-batch with
   `sync_every_micro_batch`), each (n-1)/n per GPU. Block-by-block prefetch overlaps all of it
   with compute except the first block's gather of each pass.
 
@@ -77,12 +79,12 @@ def ddp_step(w: Workload, gpus: int, compute: float) -> tuple[float, float]:
 
 
 def fsdp_step(w: Workload, gpus: int, compute: float, reshard_after_forward: bool, sync_every: bool) -> tuple:
-    gathers_per_micro = 2 if reshard_after_forward else 1
-    gather_bytes = w.micro_batches * gathers_per_micro * 2 * w.params
+    gathers = w.micro_batches + 1 if reshard_after_forward else 1  # passes that gather, per step
+    gather_bytes = gathers * 2 * w.params
     scatter_bytes = (w.micro_batches if sync_every else 1) * 4 * w.params
-    collectives = (w.micro_batches * gathers_per_micro + (w.micro_batches if sync_every else 1)) * (w.blocks + 1)
+    collectives = (gathers + (w.micro_batches if sync_every else 1)) * (w.blocks + 1)
     comm = (gpus - 1) / gpus * (gather_bytes + scatter_bytes) / bus_bandwidth(gpus) + collectives * latency(gpus)
-    first_gathers = w.micro_batches * gathers_per_micro * (gpus - 1) / gpus * 2 * w.params / w.blocks
+    first_gathers = gathers * (gpus - 1) / gpus * 2 * w.params / w.blocks
     exposed = max(first_gathers / bus_bandwidth(gpus), comm - compute)
     return compute + exposed, comm
 
