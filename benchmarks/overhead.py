@@ -13,17 +13,19 @@ Workloads (benchmarks/loops.py holds the hand-written, Fabric and Accelerate ver
 - gpt: the 4-layer GPT of configs/gpt_cpu.yaml, 16 x 128 tokens, AdamW, clipping at 1.0,
   1 process, in tokens/s; hand-written vs. dist_train.
 
-dist_train runs through its CLI (`dist-train train` for one process, `dist-train launch` for
-more) with its normal bookkeeping on: logging every `warmup` steps (a loss all-reduce, a
-grad-norm and metrics.jsonl), the NaN check, stop-signal agreement. Periodic checkpoints are
-off (it saves once, after the measured steps): their cost is benchmarks/checkpoint_cost.py's
-question. Every run excludes its warm-up steps. This 2-core VM's speed drifts by up to 10%
-over minutes, so repetitions are interleaved (the order rotates) and each run is compared with
-the hand-written run of the same repetition: "vs. hand-written" is the median of those
-per-repetition ratios, with their range. The last column, the ratio of the two medians, is the
-check on it where one side's runs spread much more widely than the other's.
-Fabric and Accelerate are optional (pip install -e ".[bench]") and are skipped with a note
-when absent.
+dist_train runs through its CLI with the config's own `parallel.strategy: ddp` at every process
+count: `dist-train launch` for several processes, and for one both `dist-train train` (no
+process group) and, as `dist_train_launch`, `dist-train launch --nproc-per-node 1` (torchrun, a
+process group of one, where DDP used to wrap the model at a cost of about 10%). Normal
+bookkeeping is on: logging every `warmup` steps (a loss all-reduce, a grad-norm and
+metrics.jsonl), the NaN check, stop-signal agreement. Periodic checkpoints are off (it saves
+once, after the measured steps): their cost is benchmarks/checkpoint_cost.py's question. Every
+run excludes its warm-up steps. This 2-core VM's speed drifts by up to 10% over minutes, so
+repetitions are interleaved (the order rotates) and each run is compared with the hand-written
+run of the same repetition: "vs. hand-written" is the median of those per-repetition ratios,
+with their range. The last column, the ratio of the two medians, is the check on it where one
+side's runs spread much more widely than the other's. Fabric and Accelerate are optional (pip
+install -e ".[bench]") and are skipped with a note when absent.
 
 Allocator: glibc's default returns freed memory to the OS and faults it back in, which on
 this CPU costs anywhere from nothing to 30% of a run's throughput, depending on the
@@ -56,6 +58,7 @@ from dist_train.distributed import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 RETAINED = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 ALLOCATORS = ("default", "retained")
 FRAMEWORKS = ("plain", "dist_train", "fabric", "accelerate")
+ONE_PROCESS_LAUNCH = "dist_train_launch"  # dist_train under torchrun with one worker
 OPTIONAL = {"fabric": ("lightning_fabric", "lightning"), "accelerate": ("accelerate",)}
 
 
@@ -83,7 +86,7 @@ WORKLOADS = {
 
 
 def command(w: Workload, name: str, framework: str, nproc: int, precision: str, out_dir: Path) -> list[str]:
-    if framework == "dist_train":
+    if framework in ("dist_train", ONE_PROCESS_LAUNCH):
         overrides = [
             *w.overrides,
             f"run.output_dir={out_dir}",
@@ -95,10 +98,10 @@ def command(w: Workload, name: str, framework: str, nproc: int, precision: str, 
             "checkpoint.every_steps=0",
             "logging.wandb.mode=disabled",
             "train.progress_bar=false",
-            f"parallel.strategy={'ddp' if nproc > 1 else 'none'}",
+            "parallel.strategy=ddp",  # as the configs ship it, also for one process
         ]
         cli = [sys.executable, "-m", "dist_train.cli"]
-        if nproc == 1:
+        if framework == "dist_train" and nproc == 1:
             return [*cli, "train", w.config, *overrides]
         return [*cli, "launch", w.config, "--nproc-per-node", str(nproc), *overrides]
     worker = [str(REPO / "benchmarks" / "loops.py"), "--framework", framework, "--workload", name,
@@ -132,7 +135,7 @@ def measure(name: str, framework: str, nproc: int, precision: str, allocator: st
 
 
 def samples_per_s(w: Workload, framework: str, nproc: int, stdout: str, out_dir: Path) -> float:
-    if framework != "dist_train":
+    if framework not in ("dist_train", ONE_PROCESS_LAUNCH):
         return json.loads(stdout.strip().splitlines()[-1])["samples_per_s"]
     # Wall-clock time between the log lines at the end of warm-up and at the last step.
     metrics = next(out_dir.glob("*/metrics.jsonl"))
@@ -145,6 +148,9 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--allocator", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS))
+    parser.add_argument("--nproc", type=int, nargs="+", default=None, help="only these process counts")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=None, help="only these")
+    parser.add_argument("--frameworks", nargs="+", choices=[*FRAMEWORKS, ONE_PROCESS_LAUNCH], default=None)
     parser.add_argument("--out", type=Path, default=None, help="write all measurements as JSON here")
     args = parser.parse_args()
 
@@ -157,11 +163,14 @@ def main() -> int:
         for a in args.allocator
         for n in WORKLOADS[name].nproc
         for p in WORKLOADS[name].precision
+        if (args.nproc is None or n in args.nproc) and (args.precision is None or p in args.precision)
     ]
     results: dict[tuple, list[float]] = {}
     for rep in range(args.reps):
         for name, nproc, precision, allocator in cases:
-            frameworks = [f for f in WORKLOADS[name].frameworks if f not in skipped]
+            frameworks = [*WORKLOADS[name].frameworks, *([ONE_PROCESS_LAUNCH] if nproc == 1 else [])]
+            wanted = ["plain", *(args.frameworks or frameworks)]  # ratios are to the hand-written loop
+            frameworks = [f for f in frameworks if f not in skipped and f in wanted]
             # Rotate the order each repetition, so no framework always runs first or last.
             order = frameworks[rep % len(frameworks) :] + frameworks[: rep % len(frameworks)]
             for framework in order:
