@@ -233,12 +233,13 @@ def test_metrics_file_survives_a_torn_line_and_a_fresh_start(tmp_path):
         f.write('{"step": 3, "loss": 2.3')  # killed mid-write
     _run(tmp_path, **{"train.max_steps": 4})
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == [2, 2, 4, 4]  # train + eval lines at the stop and at the end, each once
+    # Train, eval and save lines at the stop and at the end, the periodic save at 3, each once.
+    assert steps == [2, 2, 2, 3, 4, 4, 4]
     # No valid checkpoint left: a fresh start must not append to the dead attempt's metrics.
     for path in checkpoint.list_checkpoints(cfg.run_dir / "checkpoints"):
         (path / "manifest.json").unlink()
     _run(tmp_path, **{"train.max_steps": 2})
-    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 2]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 2, 2]
 
 
 def test_a_stop_signal_ends_a_single_process_run_with_a_checkpoint(tmp_path):
