@@ -1,6 +1,7 @@
 """SLURM: what `launch` reads from an allocation (unit), and slurm/train.sbatch on a real
-one-node cluster started by slurm/local_cluster.sh: a job completes; a job warned with
-SIGUSR1 checkpoints, requeues itself, resumes and ends with the uninterrupted run's weights."""
+one-node cluster started by slurm/local_cluster.sh: a job completes with its workers on all the
+CPUs it was given; a job warned with SIGUSR1 checkpoints, requeues itself, resumes and ends
+with the uninterrupted run's weights."""
 
 from __future__ import annotations
 
@@ -143,6 +144,10 @@ def test_a_job_completes_and_a_warned_job_requeues_and_resumes_exactly(cluster, 
     job = _wait_until(lambda: _finished(straight), 240, f"job {straight}")
     output = (tmp_path / f"slurm-straight-{straight}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", output[-3000:]
+    # The job got 2 CPUs (--cpus-per-task=2) and the local cluster binds srun tasks to the
+    # cores their step asked for: the workers must see both, not the one srun asks for alone.
+    assert "launch: 2 CPUs available to this node's 2 worker(s)" in output, output[-3000:]
+    assert "warning: only" not in output
 
     preempted = _submit(tmp_path, "preempted", *STEPS)
     metrics = tmp_path / "runs" / "preempted" / "metrics.jsonl"
