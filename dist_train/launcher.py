@@ -13,14 +13,14 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import torch
 
-from dist_train import checkpoint, slurm
+from dist_train import checkpoint, slurm, worker_env
 from dist_train.config import Config, UserError
 from dist_train.parallel import check_world_size
 from dist_train.preemption import PREEMPTED_EXIT_CODE, STOPPED_MARKER
@@ -105,10 +105,29 @@ def preflight(cfg: Config, world_size: int) -> None:
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
 
 
+def prepare_node(cfg: Config, nnodes: int) -> dict[str, str]:
+    """Check this node's network settings and return what to add to the workers' environment:
+    the NCCL flight recorder, unless the user configured it."""
+    worker_env.check_socket_ifnames(os.environ)
+    warning = worker_env.loopback_warning(os.environ, nnodes)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    added = worker_env.flight_recorder_env(os.environ, cfg.run_dir)
+    prefix = worker_env.dump_prefix(added)
+    if prefix and torch.cuda.is_available():  # NCCL writes there but does not create the folder
+        with contextlib.suppress(OSError):  # then it logs the failed dump; training is unaffected
+            Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    return added
+
+
 def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOptions) -> int:
     cmd = torchrun_command(config_path, overrides, opts)
-    preflight(cfg, resolve_nproc(opts.nproc_per_node) * opts.nnodes)
+    nproc = resolve_nproc(opts.nproc_per_node)
+    preflight(cfg, nproc * opts.nnodes)
+    added_env = prepare_node(cfg, opts.nnodes)
     print("+ " + shlex.join(cmd), flush=True)
+    line, is_warning = worker_env.cpu_report(worker_env.available_cpus(), nproc)  # inherited by the workers
+    print(line, file=sys.stderr if is_warning else sys.stdout, flush=True)
     # torchrun's own entry point, in this process: the same behaviour as the printed command
     # (signals, restarts, rendezvous), but a failed worker ends in one line, not a traceback.
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -120,7 +139,8 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
     if forward not in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(forward, _forward_to_workers)
     try:
-        run(get_args_parser().parse_args(cmd[3:]))
+        with _environment(added_env):  # torchrun's workers inherit it
+            run(get_args_parser().parse_args(cmd[3:]))
     except SignalException as exc:  # SIGTERM/SIGINT/SIGHUP: torchrun has already stopped the workers
         if _report_early_stop(cfg):  # they had time to checkpoint: resumable, as after the warning signal
             return PREEMPTED_EXIT_CODE
@@ -128,9 +148,25 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         rank, failure = min(exc.failures.items())
+        if failure.exitcode < 0:  # killed by a signal; SIGABRT is the NCCL watchdog's
+            name = failure.signal_name()
+            report = worker_env.killed_by_signal_report(rank, name, {**os.environ, **added_env})
+            print(report, file=sys.stderr)
+            return 128 - failure.exitcode
         print(f"error: worker rank {rank} exited with code {failure.exitcode}; its message is above", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return PREEMPTED_EXIT_CODE if _report_early_stop(cfg) else 0
+
+
+@contextlib.contextmanager
+def _environment(added: dict[str, str]) -> Iterator[None]:
+    """os.environ plus `added` while the block runs; a launch called in-process leaves nothing behind."""
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _report_early_stop(cfg: Config) -> bool:

@@ -11,12 +11,16 @@ proposals for when the check after next happens, and the earliest proposal wins.
 
 from __future__ import annotations
 
+import datetime
 import signal
+import socket
 import time
 from types import FrameType
 
 import torch
 import torch.distributed as dist
+
+from dist_train.config import UserError
 
 # EX_TEMPFAIL: stopped early with a checkpoint; running the same command again continues.
 PREEMPTED_EXIT_CODE = 75
@@ -29,8 +33,12 @@ STOPPED_MARKER = "stopped_early.json"
 class StopRequest:
     CHECK_EVERY_S = 1.0  # between agreements; a signal is acted on within about two of them
     MAX_CHECK_INTERVAL = 1000  # steps
+    # The side group forms when training starts, when every rank is there within seconds; a
+    # rank that cannot connect (gloo on an address other nodes cannot reach) fails after this.
+    MAX_FORM_TIMEOUT_S = 300.0
 
-    def __init__(self, signal_names: list[str]) -> None:
+    def __init__(self, signal_names: list[str], collective_timeout_s: float = 1800.0) -> None:
+        self.form_timeout_s = min(collective_timeout_s, self.MAX_FORM_TIMEOUT_S)
         self.signals = [signal.Signals[name] for name in dict.fromkeys(signal_names)]
         self.received = 0  # the signal number this rank received, 0 for none
         self.previous: dict[signal.Signals, object] = {}
@@ -43,11 +51,27 @@ class StopRequest:
         self.last_check = (0, 0.0)  # (step, time) of this rank's previous check
 
     def __enter__(self) -> StopRequest:
+        if dist.is_initialized():
+            self.group = self._side_group()
         for sig in self.signals:
             self.previous[sig] = signal.signal(sig, self._handle)
-        if dist.is_initialized():
-            self.group = dist.new_group(backend="gloo")  # collective: every rank, same place
         return self
+
+    def _side_group(self) -> dist.ProcessGroup:
+        """A gloo group for the stop flags (collective: every rank, same place). It binds to
+        the address the host name resolves to unless GLOO_SOCKET_IFNAME names an interface."""
+        timeout = datetime.timedelta(seconds=self.form_timeout_s)
+        try:
+            return dist.new_group(backend="gloo", timeout=timeout)
+        except RuntimeError as exc:  # DistError and gloo's enforce failures alike
+            said = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            host = socket.gethostname()
+            raise UserError(
+                f"the gloo group for stop signals did not form within {self.form_timeout_s:g} s on {host} "
+                f"({said[:160]}); gloo uses the address {host} resolves to unless GLOO_SOCKET_IFNAME names "
+                "the interface the nodes reach each other on: set it (and NCCL_SOCKET_IFNAME), e.g. "
+                "SOCKET_IFNAME=eth0 for slurm/train.sbatch or launch/multi_node.sh"
+            ) from None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum

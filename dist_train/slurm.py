@@ -21,10 +21,14 @@ class SlurmStep:
     node_rank: int
     first_host: str
 
+    # Below Linux's ephemeral range (32768-60999 by default), from which the kernel hands ports
+    # to outgoing connections that could already hold ours; above the privileged ports.
+    RDZV_PORT_BASE, RDZV_PORT_SPAN = 12000, 20000
+
     @property
     def rdzv_port(self) -> int:
         # Derived from the job id, so two jobs sharing a first node do not collide.
-        return 20000 + int(re.sub(r"\D", "", self.job_id) or 0) % 20000
+        return self.RDZV_PORT_BASE + int(re.sub(r"\D", "", self.job_id) or 0) % self.RDZV_PORT_SPAN
 
     @property
     def rdzv_endpoint(self) -> str:

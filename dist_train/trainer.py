@@ -170,7 +170,7 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             }
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
 
-        with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"]) as stop:
+        with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"], cfg.parallel.collective_timeout_s) as stop:
             try:
                 result = _fit(
                     cfg,

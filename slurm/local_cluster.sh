@@ -11,7 +11,14 @@ if [[ "${1:-start}" == stop ]]; then
   exit 0
 fi
 
-if sinfo -h -o %T 2>/dev/null | grep -qx idle; then sinfo; exit 0; fi
+if sinfo -h -o %T 2>/dev/null | grep -qx idle; then
+  # A cluster this script started earlier without CPU binding is restarted with it.
+  if scontrol show config 2>/dev/null | grep -qi "^TaskPluginParam *= *cores\$"; then sinfo; exit 0; fi
+  for daemon in slurmd slurmctld; do
+    [[ -s $state/$daemon.pid ]] && kill "$(cat "$state/$daemon.pid")" 2>/dev/null || true
+  done
+  sleep 2
+fi
 for tool in munged slurmctld slurmd sinfo; do
   command -v "$tool" >/dev/null || { echo "error: $tool not found (apt-get install slurmctld slurmd slurm-client munge)" >&2; exit 1; }
 done
@@ -28,6 +35,10 @@ chmod 0700 /etc/munge; chmod 0400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || runuser -u munge -- munged
 
 # One node, processes tracked through /proc, no cgroups: what works inside a container.
+# task/affinity with TaskPluginParam=Cores binds every srun task to as many whole cores as its
+# step asked for per task (sched_setaffinity), as clusters that bind by default or constrain
+# tasks with cgroups do; under task/none a task sees every CPU of the node, so an srun that
+# asked for too few CPUs would go unnoticed.
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=dist_train_local
 SlurmctldHost=$node
@@ -41,7 +52,8 @@ SlurmdPidFile=$state/slurmd.pid
 SlurmctldLogFile=$state/slurmctld.log
 SlurmdLogFile=$state/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 JobRequeue=1

@@ -1,6 +1,7 @@
 """SLURM: what `launch` reads from an allocation (unit), and slurm/train.sbatch on a real
-one-node cluster started by slurm/local_cluster.sh: a job completes; a job warned with
-SIGUSR1 checkpoints, requeues itself, resumes and ends with the uninterrupted run's weights."""
+one-node cluster started by slurm/local_cluster.sh: a job completes with its workers on all the
+CPUs it was given; a job warned with SIGUSR1 checkpoints, requeues itself, resumes and ends
+with the uninterrupted run's weights."""
 
 from __future__ import annotations
 
@@ -45,13 +46,21 @@ def test_an_srun_step_on_two_nodes_sets_the_launch_flags():
     assert (step.nnodes, step.node_rank, step.first_host) == (2, 1, "gpu07")
     opts = from_slurm(LaunchOptions(nproc_per_node="2"), set(), _step_env())
     assert (opts.nnodes, opts.node_rank, opts.rdzv_id) == (2, 1, "slurm-4711")
-    assert opts.rdzv_endpoint == f"gpu07:{20000 + 4711}"
+    assert opts.rdzv_endpoint == f"gpu07:{12000 + 4711}"
     cmd = torchrun_command("configs/digits.yaml", [], opts)
-    assert "--rdzv-endpoint=gpu07:24711" in cmd and "--node-rank=1" in cmd and "--nnodes=2" in cmd
+    assert "--rdzv-endpoint=gpu07:16711" in cmd and "--node-rank=1" in cmd and "--nnodes=2" in cmd
     # Another job on the same first node gets another port; flags the user gave win.
     assert detect(_step_env(SLURM_JOB_ID="4712")).rdzv_port != step.rdzv_port
     kept = from_slurm(LaunchOptions(nnodes=2, rdzv_id="mine"), {"nnodes", "rdzv_id"}, _step_env())
     assert kept.rdzv_id == "mine" and kept.node_rank == 1
+
+
+def test_rendezvous_ports_stay_out_of_the_ephemeral_and_privileged_ranges():
+    # Linux hands ports from 32768-60999 to outgoing connections; ports below 1024 need root.
+    ports = {detect(_step_env(SLURM_JOB_ID=str(job))).rdzv_port for job in [*range(0, 50000, 7), 999999, 2**31 - 1]}
+    assert min(ports) > 1024 and max(ports) < 32768
+    assert len(ports) > 5000  # still spread by job id
+    assert detect(_step_env(SLURM_JOB_ID="123_4")).rdzv_port < 32768  # array jobs: digits only
 
 
 def test_one_node_or_no_slurm_changes_nothing():
@@ -135,6 +144,10 @@ def test_a_job_completes_and_a_warned_job_requeues_and_resumes_exactly(cluster, 
     job = _wait_until(lambda: _finished(straight), 240, f"job {straight}")
     output = (tmp_path / f"slurm-straight-{straight}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", output[-3000:]
+    # The job got 2 CPUs (--cpus-per-task=2) and the local cluster binds srun tasks to the
+    # cores their step asked for: the workers must see both, not the one srun asks for alone.
+    assert "launch: 2 CPUs available to this node's 2 worker(s)" in output, output[-3000:]
+    assert "warning: only" not in output
 
     preempted = _submit(tmp_path, "preempted", *STEPS)
     metrics = tmp_path / "runs" / "preempted" / "metrics.jsonl"

@@ -114,3 +114,27 @@ class _SleepyRank(nn.Module):
 
 def sleepy_rank(num_classes: int, input_shape: tuple[int, int, int], seconds: float = 30.0) -> nn.Module:
     return _SleepyRank(num_classes, input_shape, seconds)
+
+
+class _Aborting(nn.Module):
+    """Writes the worker's TORCH_* environment to env_file as JSON, then aborts (SIGABRT) in
+    its first training forward: how a rank ends when the NCCL watchdog gives up on a collective."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], env_file: str) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.linear, self.env_file = nn.Linear(c * h * w, num_classes), env_file
+
+    def forward(self, x):
+        if self.training:
+            import json
+            import os
+
+            with open(self.env_file, "w") as f:
+                json.dump({k: v for k, v in os.environ.items() if k.startswith("TORCH_")}, f)
+            os.abort()
+        return self.linear(x.flatten(1))
+
+
+def aborting(num_classes: int, input_shape: tuple[int, int, int], env_file: str) -> nn.Module:
+    return _Aborting(num_classes, input_shape, env_file)
