@@ -8,11 +8,13 @@ read only every `train.log_every` steps and before a checkpoint is written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import re
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,7 +307,7 @@ def _fit(
             fetch_start = time.perf_counter()
             inputs, targets = data.train.next_micro_batch()
             data_wait += time.perf_counter() - fetch_start
-            inputs = inputs.to(device, non_blocking=True, memory_format=input_format)
+            inputs = data.inputs_to_device(inputs, input_format)
             targets = targets.to(device, non_blocking=True)
             # Gradients are all-reduced only on the last micro-batch of the step.
             with strategy.gradient_sync(model, enabled=micro == t.grad_accum_steps - 1):
@@ -385,8 +387,9 @@ def _fit(
         if eval_due:
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
+            to_device = functools.partial(data.inputs_to_device, memory_format=input_format)
             result.eval_metrics = evaluate(
-                strategy.unwrap(model), data.val_loader, device, amp, t.eval_batches, input_format
+                strategy.unwrap(model), data.val_loader, to_device, device, amp, t.eval_batches
             )
             logger.log(step, result.eval_metrics)
             model.train()
@@ -416,10 +419,10 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 def evaluate(
     model: nn.Module,
     loader,
+    inputs_to_device: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     amp: ContextManager,
     max_batches: int | None = None,
-    input_format: torch.memory_format = torch.preserve_format,
 ) -> dict[str, float]:
     """Loss and accuracy over the validation split (or the first max_batches of each rank's
     shard, always the same ones), summed across ranks so every rank gets the same numbers.
@@ -435,8 +438,7 @@ def evaluate(
     for index in range(rounds):
         if index < own_batches:
             inputs, targets = next(batches)
-            inputs = inputs.to(device, non_blocking=True, memory_format=input_format)
-            targets = targets.to(device, non_blocking=True)
+            inputs, targets = inputs_to_device(inputs), targets.to(device, non_blocking=True)
         with amp:
             logits = model(inputs)
         if index >= own_batches:

@@ -80,3 +80,19 @@ def write_text_corpus(folder: Path, files: int = 6) -> list[str]:
         lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(60)]
         (folder / f"mod{i}.py").write_text("".join(lines))
     return [str(folder / "*.py")]
+
+
+def write_fake_mnist(root: Path, n_train: int = 256, n_test: int = 64) -> None:
+    """MNIST's four idx files under root/MNIST/raw, as torchvision reads them, with random
+    28x28 images: the real loading code on data made here (there is no download)."""
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        header = np.array([0x803, n, 28, 28], dtype=">i4").tobytes()  # uint8 (0x08), 3 dimensions
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())

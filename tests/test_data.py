@@ -279,3 +279,84 @@ def test_chunked_in_memory_loading_yields_the_per_sample_micro_batches_across_re
         assert torch.equal(images, torch.stack([x for x, _ in batch]))
         assert torch.equal(labels, torch.stack([y for _, y in batch]))
     assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 20 * 32}
+
+
+def test_the_digits_shift_is_unchanged_by_the_uint8_and_flip_work():
+    # Digest of the shift before RandomShift learned flips and uint8: old checkpoints' runs
+    # (and their exact resume) depend on every sample's offsets staying the same.
+    import hashlib
+
+    images = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    shifted = RandomShift(1, fill=-0.5).keyed(images, np.arange(1000, 1064))
+    digest = hashlib.sha256(shifted.numpy().tobytes()).hexdigest()
+    assert digest == "12d880a3c83276921bf508ed503914b12114bc66104e2d29c1fbf5e89613b4f6"
+
+
+def test_uint8_crop_and_flip_are_keyed_per_sample():
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(images[0], (4, 4, 4, 4), value=0)
+    windows = {(t, left): padded[:, t : t + 32, left : left + 32] for t in range(9) for left in range(9)}
+    keys = np.arange(5000, 5400)
+    augmented = RandomShift(4, fill=0, flip=True).keyed(images.expand(len(keys), 3, 32, 32), keys)
+    assert augmented.dtype == torch.uint8
+    flipped, offsets = 0, set()
+    for one in augmented:
+        plain = [o for o, w in windows.items() if torch.equal(one, w)]
+        mirrored = [o for o, w in windows.items() if torch.equal(one, w.flip(-1))]
+        assert len(plain) + len(mirrored) == 1  # one window of the zero-padded image, mirrored or not
+        flipped += bool(mirrored)
+        offsets.add((plain or mirrored)[0])
+    assert 0.4 < flipped / len(keys) < 0.6 and len(offsets) >= 75  # of 81, about 5 samples each
+    # The flip is not a function of the offsets: both flip states occur at the same offset.
+    again = RandomShift(4, fill=0, flip=False).keyed(images.expand(len(keys), 3, 32, 32), keys)
+    same_offset = [torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(augmented, again, strict=True)]
+    assert all(same_offset)
+    assert torch.equal(RandomShift(4, 0, flip=True).keyed(images, keys[7:8])[0], augmented[7])  # batch-independent
+
+
+def test_mnist_is_uint8_in_memory_and_normalized_on_the_device(tmp_path):
+    from conftest import write_fake_mnist
+    from torchvision.transforms import v2
+
+    write_fake_mnist(tmp_path)
+    cfg = DataConfig(dataset="mnist", root=str(tmp_path), batch_size=16, augment=False)
+    data = build_pipeline(cfg, _cpu_env(), grad_accum_steps=1, seed=0)
+    images, _ = data.train.next_micro_batch()
+    assert images.dtype == torch.uint8 and images.shape == (16, 1, 28, 28)
+    reference = v2.Normalize((0.1307,), (0.3081,))(v2.ToDtype(torch.float32, scale=True)(images))
+    torch.testing.assert_close(data.inputs_to_device(images), reference, rtol=1e-5, atol=1e-5)
+    val_images, _ = next(iter(data.val_loader))
+    assert val_images.dtype == torch.uint8  # evaluation batches cross as bytes too
+    nhwc = data.inputs_to_device(images, torch.channels_last)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, data.inputs_to_device(images))
+
+
+def test_a_dataset_is_downloaded_by_rank_0_first_then_once_per_node(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env, write_fake_mnist
+
+    write_fake_mnist(tmp_path / "shared")
+    (tmp_path / "a_file").write_text("not a directory")
+    out = tmp_path / "findings.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    worker = ["tests/download_worker.py", str(tmp_path / "shared"), str(tmp_path / "a_file" / "mnist"), str(out)]
+    proc = subprocess.run([*command, *worker], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(out.read_text())
+
+    # One node: rank 0 fetches, then its node-mate only reads what is there.
+    rank0, rank1 = found["one_node"]
+    assert [c["download"] for c in rank0["calls"]] == [True] and [c["download"] for c in rank1["calls"]] == [False]
+    assert rank1["calls"][0]["start"] >= rank0["calls"][0]["end"] - 0.05  # monotonic clocks of one machine
+    assert rank0["train_samples"] == rank1["train_samples"] == 256
+    # Two nodes: the other node's first rank fetches too (finding a shared root complete),
+    # only after global rank 0 has finished.
+    rank0, rank1 = found["two_nodes"]
+    assert [c["download"] for c in rank0["calls"]] == [True] and [c["download"] for c in rank1["calls"]] == [True]
+    assert rank1["calls"][0]["start"] >= rank0["calls"][0]["end"] - 0.05
+    # A node that cannot fetch: every rank gets the same one line, nobody waits forever.
+    errors = {rank["error"] for rank in found["two_nodes_bad"]}
+    assert len(errors) == 1 and "rank 1 (its node's first rank) could not get the data" in errors.pop()

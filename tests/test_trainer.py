@@ -345,3 +345,23 @@ def test_channels_last_trains_like_contiguous_and_ddp_on_one_process_runs_as_non
         torch.testing.assert_close(nhwc[key], value, rtol=1e-4, atol=1e-5)  # summation order only
     logged = [json.loads(line) for line in (tmp_path / "runs" / "nhwc" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "checkpoint_save_s" in r] == [3, 6]  # the stall of every save
+
+
+def test_uint8_images_augmented_in_memory_resume_bitwise_mid_epoch(tmp_path):
+    # MNIST read by torchvision from idx files made here: 256 samples, 16 steps an epoch.
+    from conftest import write_fake_mnist
+
+    write_fake_mnist(tmp_path / "data")
+    common = {
+        "data.dataset": "mnist",
+        "data.root": str(tmp_path / "data"),
+        "data.batch_size": 16,
+        "train.max_steps": 24,
+        "train.eval_every": 10,
+        "checkpoint.every_steps": 0,
+    }
+    _, straight = _run(tmp_path, "straight", **common)
+    _run(tmp_path, "split", **common, **{"train.stop_at_step": 11})
+    _, resumed = _run(tmp_path, "split", **common)
+    assert resumed.step == 24 and resumed.eval_metrics == straight.eval_metrics
+    _assert_bitwise_equal(_final_params(straight), _final_params(resumed))
