@@ -500,6 +500,11 @@ def validate(cfg: Config) -> None:
             cfg.schedule.warmup_steps < t.max_steps, "schedule.warmup_steps", "must be < train.max_steps for onecycle"
         )
 
+    require(
+        not (t.channels_last is True and cfg.parallel.strategy == "fsdp"),
+        "train.channels_last",
+        "cannot be true with parallel.strategy=fsdp: FSDP2 shards only contiguous (NCHW) parameters; use auto",
+    )
     require(cfg.parallel.bucket_cap_mb > 0, "parallel.bucket_cap_mb", f"must be > 0, got {cfg.parallel.bucket_cap_mb}")
     require(
         cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {cfg.checkpoint.every_steps}"

@@ -104,11 +104,14 @@ def set_cuda_math(tf32: bool, cudnn_benchmark: bool) -> None:
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def use_channels_last(setting: bool | str, device: torch.device, input_shape: tuple[int, ...]) -> bool:
+def use_channels_last(
+    setting: bool | str, device: torch.device, input_shape: tuple[int, ...], sharded: bool = False
+) -> bool:
     """train.channels_last: only images (batches of 4 dimensions) have a channels_last
-    layout; `auto` uses it on CUDA, where tensor-core convolutions read NHWC natively."""
+    layout; `auto` uses it on CUDA, where tensor-core convolutions read NHWC natively, unless
+    FSDP shards the model (`sharded`): FSDP2 takes only contiguous parameters."""
     is_image = len(input_shape) == 3
-    return is_image and (device.type == "cuda" if setting == "auto" else bool(setting))
+    return is_image and (device.type == "cuda" and not sharded if setting == "auto" else bool(setting))
 
 
 @contextlib.contextmanager

@@ -103,7 +103,9 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
     data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
     model = build_model(cfg.model, data.spec).to(env.device)
-    channels_last = use_channels_last(cfg.train.channels_last, env.device, data.spec.input_shape)
+    channels_last = use_channels_last(
+        cfg.train.channels_last, env.device, data.spec.input_shape, sharded=strategy.name == "fsdp"
+    )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = strategy.wrap(prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.train.compile))
@@ -262,8 +264,11 @@ def _fit(
     t = cfg.train
     amp = contextlib.nullcontext() if strategy.handles_precision else autocast(t.precision, env.device)
     device = env.device
-    channels_last = use_channels_last(t.channels_last, device, data.spec.input_shape)
-    input_format = torch.channels_last if channels_last else torch.preserve_format
+    channels_last = use_channels_last(t.channels_last, device, data.spec.input_shape, strategy.name == "fsdp")
+    # Inputs on the device as the model takes them (layout, and uint8 images normalized there).
+    to_device = functools.partial(
+        data.inputs_to_device, memory_format=torch.channels_last if channels_last else torch.preserve_format
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult(step=start_step)
     end_step = min(last_step, t.stop_at_step or last_step)  # where this invocation stops
@@ -307,7 +312,7 @@ def _fit(
             fetch_start = time.perf_counter()
             inputs, targets = data.train.next_micro_batch()
             data_wait += time.perf_counter() - fetch_start
-            inputs = data.inputs_to_device(inputs, input_format)
+            inputs = to_device(inputs)
             targets = targets.to(device, non_blocking=True)
             # Gradients are all-reduced only on the last micro-batch of the step.
             with strategy.gradient_sync(model, enabled=micro == t.grad_accum_steps - 1):
@@ -357,8 +362,8 @@ def _fit(
                     speed["mfu"] = mfu(speed["tokens_per_s"] / env.world_size, model_flops, peak)
             memory = {"param_optim_mb": param_and_optimizer_bytes(model, optimizer) / 2**20}  # this rank's
             if device.type == "cuda":  # the fullest rank's peak over this interval
-                peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
-                memory["max_memory_gb"] = all_reduce_max(peak).item()
+                peak_memory = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+                memory["max_memory_gb"] = all_reduce_max(peak_memory).item()
                 torch.cuda.reset_peak_memory_stats(device)
             logger.log(
                 step,
@@ -387,7 +392,6 @@ def _fit(
         if eval_due:
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
-            to_device = functools.partial(data.inputs_to_device, memory_format=input_format)
             result.eval_metrics = evaluate(
                 strategy.unwrap(model), data.val_loader, to_device, device, amp, t.eval_batches
             )

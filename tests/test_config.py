@@ -539,3 +539,10 @@ def test_a_true_false_auto_key(key):
         load_config(DIGITS, [f"{key}=sometimes"])
     with pytest.raises(ConfigError, match=rf"^{key} must be true, false or auto; got 1$"):
         load_config(DIGITS, [f"{key}=1"])
+
+
+def test_channels_last_is_refused_with_fsdp():
+    # FSDP2 raises NotImplementedError on a channels_last parameter; say so before any worker starts.
+    with pytest.raises(ConfigError, match="^train.channels_last cannot be true with parallel.strategy=fsdp"):
+        load_config(DIGITS, ["train.channels_last=true", "parallel.strategy=fsdp"])
+    assert load_config(DIGITS, ["parallel.strategy=fsdp"]).train.channels_last == "auto"  # auto stays off there

@@ -108,3 +108,4 @@ def test_channels_last_is_for_images_and_by_default_on_cuda():
     assert use_channels_last("auto", cuda, image) and not use_channels_last("auto", cpu, image)
     assert not use_channels_last("auto", cuda, tokens) and not use_channels_last(True, cuda, tokens)
     assert use_channels_last(True, cpu, image) and not use_channels_last(False, cuda, image)
+    assert not use_channels_last("auto", cuda, image, sharded=True)  # FSDP2 takes contiguous parameters only
