@@ -1,0 +1,228 @@
+"""The datasets dist_train knows by name, and what a model needs to know of them (DataSpec)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from dist_train.config import DataConfig, UserError
+from dist_train.data.augmentation import RandomShift, torchvision_pipeline
+
+
+class DataError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    input_shape: tuple[int, ...]  # (channels, height, width) for images, (seq_len,) for text
+    num_classes: int
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    train_transform: Callable | None
+    eval_transform: Callable | None
+    spec: DataSpec
+    # The validation loss of a trivial predictor, for scale (text: byte frequencies of train).
+    baseline_val_loss: float | None = None
+    # Images held as uint8: (mean, std) per channel of [0, 1] pixels, applied on the device.
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _digits(cfg: DataConfig) -> Datasets:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    # A fixed split (seed 0), independent of run.seed, so validation numbers compare across runs.
+    order = torch.tensor(np.random.RandomState(0).permutation(len(labels)))
+    n_val = len(labels) // 5
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    # The whole set fits in memory, so normalize it once instead of per sample; the random
+    # shift then pads with the normalized value of a blank pixel.
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    # Digits are not mirror-symmetric, so no horizontal flip; a one-pixel shift is realistic.
+    train_tf = RandomShift(1, fill=(-mean / std).item()) if cfg.augment else None
+    return Datasets(
+        train=TensorDataset(images[train_idx], labels[train_idx]),
+        val=TensorDataset(images[val_idx], labels[val_idx]),
+        train_transform=train_tf,
+        eval_transform=None,
+        spec=DataSpec((1, 8, 8), 10),
+    )
+
+
+def _torchvision_dataset(cfg: DataConfig, name: str, download: bool) -> Datasets:
+    """CIFAR-10 or MNIST as uint8 tensors in memory: augmented a chunk at a time on the host
+    and normalized on the device, where per-sample PIL decoding and transforms could not keep
+    a GPU fed. torchvision still reads (and downloads) the files."""
+    from torchvision import datasets
+
+    cls, pad, flip, mean, std = {
+        "cifar10": (datasets.CIFAR10, 4, True, CIFAR10_MEAN, CIFAR10_STD),
+        "mnist": (datasets.MNIST, 2, False, MNIST_MEAN, MNIST_STD),  # digits are not mirror-symmetric
+    }[name]
+    try:
+        train = cls(cfg.root, train=True, download=download)
+        val = cls(cfg.root, train=False, download=download)
+    except (RuntimeError, OSError) as exc:  # missing or corrupt files; a failed download
+        hint = "" if download else "; set data.download=true to fetch it"
+        raise DataError(f"{name} not found under data.root={cfg.root} ({exc}){hint}") from None
+    train_images, val_images = uint8_images(train.data), uint8_images(val.data)
+    return Datasets(
+        train=TensorDataset(train_images, torch.as_tensor(train.targets, dtype=torch.long)),
+        val=TensorDataset(val_images, torch.as_tensor(val.targets, dtype=torch.long)),
+        # Zero padding: black, as RandomCrop pads [0, 1] images before Normalize.
+        train_transform=RandomShift(pad, fill=0, flip=flip) if cfg.augment else None,
+        eval_transform=None,
+        spec=DataSpec(tuple(train_images.shape[1:]), 10),
+        normalize=(mean, std),
+    )
+
+
+def uint8_images(data: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """torchvision's `.data` as (N, C, H, W) uint8: CIFAR's NHWC array, MNIST's NHW tensor."""
+    images = torch.as_tensor(data)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return images.contiguous()
+
+
+def _image_folder(cfg: DataConfig) -> Datasets:
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    root = Path(cfg.root)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist (image_folder needs class-named folders of images)")
+    try:
+        train_full = datasets.ImageFolder(str(train_dir))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(f"data.root={root} holds no usable images: {exc}") from None
+    if (root / "val").is_dir():
+        try:
+            val = datasets.ImageFolder(str(root / "val"))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataError(f"{root}/val holds no usable images: {exc}") from None
+        if val.classes != train_full.classes:
+            raise DataError(f"{root}/val has classes {val.classes}, train has {train_full.classes}")
+        train = train_full
+    else:
+        order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(0)).tolist()
+        n_val = max(1, int(len(order) * cfg.val_fraction))
+        train, val = Subset(train_full, order[n_val:]), Subset(train_full, order[:n_val])
+    size = cfg.image_size
+    train_tf, eval_tf = torchvision_pipeline(
+        size=size, pad=size // 8, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, from_pil=True, augment=cfg.augment
+    )
+    # ImageFolder's loader already gives RGB; images come in any size, so make them square first.
+    train_tf, eval_tf = v2.Compose([v2.Resize((size, size)), train_tf]), v2.Compose([v2.Resize((size, size)), eval_tf])
+    return Datasets(train, val, train_tf, eval_tf, DataSpec((3, size, size), len(train_full.classes)))
+
+
+def _synthetic(cfg: DataConfig) -> Datasets:
+    # Fixed seed: every rank and every run sees the same tensors.
+    g = torch.Generator().manual_seed(0)
+    shape, n_val = tuple(cfg.synthetic_shape), max(1, cfg.synthetic_size // 8)
+
+    def make(n: int) -> TensorDataset:
+        return TensorDataset(
+            torch.randn(n, *shape, generator=g), torch.randint(0, cfg.synthetic_classes, (n,), generator=g)
+        )
+
+    return Datasets(make(cfg.synthetic_size), make(n_val), None, None, DataSpec(shape, cfg.synthetic_classes))
+
+
+class TokenSequences(Dataset):
+    """Non-overlapping windows of seq_len + 1 byte tokens: (input, next-token targets)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        window = self.tokens[index * self.seq_len : (index + 1) * self.seq_len + 1].long()
+        return window[:-1], window[1:]
+
+
+def stdlib_sources() -> list[Path]:
+    """The running Python's own standard-library sources: real text present on every machine."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def _read_tokens(files: list[Path]) -> torch.Tensor:
+    # Bytes are the tokens (vocabulary 256); a NUL byte marks where one file ends.
+    data = b"\0".join(f.read_bytes() for f in files)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _text(cfg: DataConfig) -> Datasets:
+    if cfg.paths:
+        matches = {Path(p) for pattern in cfg.paths for p in glob.glob(os.path.expanduser(pattern), recursive=True)}
+        files = sorted(p for p in matches if p.is_file())
+        if not files:
+            raise DataError(f"data.paths={cfg.paths} matched no files")
+    else:
+        files = stdlib_sources()
+    if len(files) < 2:
+        raise DataError(f"data.dataset=text splits by file and needs at least 2 files, got {len(files)}")
+    # Split by file with a fixed seed, so validation text never leaks into training windows.
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    n_val = max(1, round(len(files) * cfg.val_fraction))
+    val_files = sorted(files[i] for i in order[:n_val])
+    train_files = sorted(files[i] for i in order[n_val:])
+    train, val = (
+        TokenSequences(_read_tokens(train_files), cfg.seq_len),
+        TokenSequences(_read_tokens(val_files), cfg.seq_len),
+    )
+    if len(val) == 0:
+        raise DataError(f"the validation files hold fewer than data.seq_len={cfg.seq_len} + 1 bytes")
+    baseline = unigram_loss(train.tokens, val.tokens)
+    return Datasets(train, val, None, None, DataSpec((cfg.seq_len,), 256), baseline)
+
+
+def unigram_loss(train_tokens: torch.Tensor, val_tokens: torch.Tensor) -> float:
+    """Cross-entropy (nats per token) on validation of predicting every byte by its training
+    frequency (add-one smoothed): what a model that ignores context achieves."""
+    counts = torch.bincount(train_tokens.long(), minlength=256).double() + 1
+    log_p = (counts / counts.sum()).log()
+    return -log_p[val_tokens.long()].mean().item()
+
+
+DOWNLOADABLE = ("cifar10", "mnist")
+
+
+def build_datasets(cfg: DataConfig, download: bool | None = None) -> Datasets:
+    """The named datasets; `download` (default data.download) fetches what is missing."""
+    if cfg.dataset == "digits":
+        return _digits(cfg)
+    if cfg.dataset in DOWNLOADABLE:
+        return _torchvision_dataset(cfg, cfg.dataset, cfg.download if download is None else download)
+    if cfg.dataset == "image_folder":
+        return _image_folder(cfg)
+    if cfg.dataset == "synthetic":
+        return _synthetic(cfg)
+    if cfg.dataset == "text":
+        return _text(cfg)
+    raise DataError(f"unknown data.dataset {cfg.dataset!r}")
