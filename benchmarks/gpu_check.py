@@ -22,14 +22,18 @@ keeps what finished. Checks and targets (issue 12):
 5. fsdp_cpu_offload: FSDP with `parallel.cpu_offload` trains (this crashed with a NCCL-only
    process group: offloaded gradient norms are CPU collectives).
 Peak memory per rank (`max_memory_gb`, the maximum over ranks) is reported for every run.
+Each command runs in a session of its own, killed whole at its timeout; `--budget-s` (default
+480) bounds the whole run, and a check that would start after it is recorded as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +46,35 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from dist_train.launcher import child_pids  # noqa: E402
+
 QUIET = ["logging.wandb.mode=disabled", "train.progress_bar=false"]
+DEADLINE = [float("inf")]  # time.monotonic() by which every check must have ended (--budget-s)
+
+
+def bounded(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command; past `timeout` (or the whole run's deadline) kill it with every process
+    it started, so that torchrun's workers (in sessions of their own) do not outlive their
+    launcher holding the GPU and the output pipes."""
+    timeout = min(timeout, DEADLINE[0] - time.monotonic())
+    if timeout <= 0:
+        raise TimeoutError("skipped: the run's --budget-s is spent")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree, parents = [], [proc.pid]
+        while parents:  # every descendant, found before any is killed (orphans lose their parent)
+            parents = [child for parent in parents for child in child_pids(parent)]
+            tree += parents
+        for pid in [proc.pid, *tree]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        raise TimeoutError(f"killed after {timeout:.0f} s: {' '.join(args[2:6])} ...") from None
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
 @dataclass
@@ -79,8 +111,7 @@ def cli(verb: str, config: str, overrides: list[str], timeout: float, nproc: int
         args = [sys.executable, "-m", "dist_train.cli", verb, config, f"run.output_dir={tmp}", *QUIET, *overrides]
         if verb == "launch":
             args += ["--nproc-per-node", str(nproc)]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = bounded(args, timeout)
         metrics = next(Path(tmp).glob("*/metrics.jsonl"), None)
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics else []
         return Run(proc.returncode, proc.stdout, proc.stderr, records)
@@ -186,8 +217,7 @@ def check_resnet(depth: int, image_size: int, smoke: bool) -> Result:
              "--workload", f"resnet{depth}", "--image-size", str(image_size), "--precision", "bf16",
              "--channels-last", "--batch-size", str(batch), "--dataset-size", str(samples),
              "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    hand = subprocess.run(plain, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    hand = bounded(plain, 300)
     ours = cli("train", "configs/synthetic.yaml", overrides, 300)
     if hand.returncode != 0 or ours.returncode != 0:
         return Result(False, {}, ">= 0.98x", (hand.stderr if hand.returncode else ours.failure())[-600:])
@@ -195,7 +225,8 @@ def check_resnet(depth: int, image_size: int, smoke: bool) -> Result:
     our_rate = samples_per_s_between_logs(ours, warmup, warmup + steps, batch)
     ratio = our_rate / hand_rate
     numbers = {"batch": batch, "hand_written_samples_per_s": hand_rate, "dist_train_samples_per_s": our_rate,
-               "ratio": ratio, "peak_memory_gb": ours.peak_memory_gb()}  # fmt: skip
+               "ratio": ratio, "data_wait_fraction": steady(ours, "data_wait_fraction", 1),
+               "peak_memory_gb": ours.peak_memory_gb()}  # fmt: skip
     return Result(None if smoke else ratio >= 0.98, numbers, ">= 0.98x", ours.start_line)
 
 
@@ -264,7 +295,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: the script's plumbing only")
     parser.add_argument("--only", nargs="+", default=None, help="run only these checks (names as in the table)")
+    parser.add_argument("--budget-s", type=float, default=480, help="all checks end within this many seconds")
     args = parser.parse_args()
+    DEADLINE[0] = time.monotonic() + args.budget_s
     if not args.smoke and not torch.cuda.is_available():
         print("error: no CUDA device; --smoke runs the plumbing on a CPU", file=sys.stderr)
         return 2
@@ -277,6 +310,8 @@ def main() -> int:
         start = time.monotonic()
         try:
             result = check()
+        except TimeoutError as exc:  # killed at its timeout (failed), or never started (skipped)
+            result = Result(None if str(exc).startswith("skipped") else False, {}, "", str(exc))
         except Exception as exc:  # noqa: BLE001 - recorded; the other checks still run
             result = Result(False, {}, "", f"{type(exc).__name__}: {str(exc)[-500:]}")
         report["checks"][name] = {**vars(result), "seconds": time.monotonic() - start}

@@ -29,3 +29,16 @@ def test_the_gpu_check_runs_its_checks_and_writes_their_numbers(tmp_path):
     assert resnet["ratio"] == resnet["dist_train_samples_per_s"] / resnet["hand_written_samples_per_s"] > 0
     assert checks["fsdp_cpu_offload"]["passed"] and len(checks["fsdp_cpu_offload"]["numbers"]["grad_norms"]) == 3
     assert "| check | passed | numbers | target | seconds |" in proc.stdout  # the markdown table
+
+
+def test_a_check_past_the_budget_is_killed_whole_and_the_next_is_skipped(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    command = [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out), "--budget-s", "2",
+               "--only", "nccl", "bf16"]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    checks = json.loads(out.read_text())["checks"]
+    assert proc.returncode == 1  # a failed check
+    assert checks["nccl"]["passed"] is False and checks["nccl"]["note"].startswith("killed after 2 s")
+    assert checks["bf16"]["passed"] is None and "budget" in checks["bf16"]["note"]
+    leftover = subprocess.run(["pgrep", "-f", f"run.output_dir={tmp_path}"], capture_output=True, text=True)
+    assert leftover.stdout == ""  # torchrun and its worker went with the launcher
