@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from dist_train.config import load_config  # noqa: E402
 from dist_train.data import IN_MEMORY_CHUNK, RandomShift, build_pipeline  # noqa: E402
 from dist_train.data.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from dist_train.data.loader import DataPipeline, SeededAugment, TrainBatches, collate  # noqa: E402
+from dist_train.data.loader import DataPipeline, SeededAugment, TrainBatches, collate, uint8_normalization  # noqa: E402
 from dist_train.data.sampler import ChunkSampler, ResumableDistributedSampler  # noqa: E402
 from dist_train.distributed import DistEnv  # noqa: E402
 
@@ -104,7 +104,6 @@ def cifar_shaped(samples: int, batch_size: int, batches: int) -> tuple[float, fl
         v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.RandomCrop(32, padding=4),
         v2.RandomHorizontalFlip(), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD),
     ])  # fmt: skip
-    offset, scale = (torch.tensor(v).mul(255).view(1, -1, 1, 1) for v in (CIFAR10_MEAN, CIFAR10_STD))
     rates = []
     for dataset, transform, chunk in (
         (PilImages(images, labels), per_sample, 1),
@@ -118,7 +117,10 @@ def cifar_shaped(samples: int, batch_size: int, batches: int) -> tuple[float, fl
         )
         pipeline = DataPipeline(TrainBatches(loader, sampler, batch_size), None, None, batch_size, None)
         if chunk > 1:
-            pipeline.pixel_offset, pipeline.pixel_scale = offset, scale  # normalized as on the device
+            # normalized as on the device
+            pipeline.pixel_offset, pipeline.pixel_scale = uint8_normalization(
+                (CIFAR10_MEAN, CIFAR10_STD), torch.device("cpu")
+            )
         pipeline.inputs_to_device(pipeline.train.next_micro_batch()[0])  # warm-up: starts the epoch
         start = time.perf_counter()
         for _ in range(batches):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_train.config import UserError
+from dist_train.config import UserError, resolve_auto
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def use_channels_last(
     layout; `auto` uses it on CUDA, where tensor-core convolutions read NHWC natively, unless
     FSDP shards the model (`sharded`): FSDP2 takes only contiguous parameters."""
     is_image = len(input_shape) == 3
-    return is_image and (device.type == "cuda" and not sharded if setting == "auto" else bool(setting))
+    return is_image and resolve_auto(setting, when_auto=device.type == "cuda" and not sharded)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from dist_train.config import ConfigError, OptimConfig, ScheduleConfig
+from dist_train.config import ConfigError, OptimConfig, ScheduleConfig, resolve_auto
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -24,9 +24,7 @@ def use_fused(setting: bool | str, device: torch.device, cpu_offload: bool) -> b
     """optim.fused: `auto` fuses where the parameters live on a GPU. There a fused step is one
     kernel launch per parameter group instead of several per tensor, and it reads
     GradScaler's inf flag on the device, where the unfused step syncs the host every step."""
-    if setting == "auto":
-        return device.type == "cuda" and not cpu_offload
-    return bool(setting)
+    return resolve_auto(setting, when_auto=device.type == "cuda" and not cpu_offload)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:

@@ -10,12 +10,13 @@ import torch
 
 
 def torchvision_pipeline(
-    *, size: int, pad: int, flip: bool, mean: tuple, std: tuple, from_pil: bool, augment: bool
+    *, size: int, pad: int, flip: bool, mean: tuple, std: tuple, augment: bool
 ) -> tuple[Callable, Callable]:
-    """(train, eval) torchvision v2 transforms: random crop with padding, optional flip, normalize."""
+    """(train, eval) torchvision v2 transforms of PIL images: random crop with padding, optional
+    flip, normalize."""
     from torchvision.transforms import v2
 
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)] if from_pil else []
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     normalize = [v2.Normalize(mean, std)]
     random_ops = [v2.RandomCrop(size, padding=pad)] + ([v2.RandomHorizontalFlip()] if flip else [])
     train = v2.Compose(to_tensor + (random_ops if augment else []) + normalize)

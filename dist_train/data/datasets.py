@@ -131,7 +131,7 @@ def _image_folder(cfg: DataConfig) -> Datasets:
         train, val = Subset(train_full, order[n_val:]), Subset(train_full, order[:n_val])
     size = cfg.image_size
     train_tf, eval_tf = torchvision_pipeline(
-        size=size, pad=size // 8, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, from_pil=True, augment=cfg.augment
+        size=size, pad=size // 8, flip=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=cfg.augment
     )
     # ImageFolder's loader already gives RGB; images come in any size, so make them square first.
     train_tf, eval_tf = v2.Compose([v2.Resize((size, size)), train_tf]), v2.Compose([v2.Resize((size, size)), eval_tf])

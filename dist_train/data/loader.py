@@ -155,6 +155,17 @@ class DataPipeline:
         return inputs.float().sub_(self.pixel_offset).div_(self.pixel_scale)
 
 
+def uint8_normalization(
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """DataPipeline's (pixel_offset, pixel_scale) for images held as uint8 with these (mean,
+    std) of [0, 1] pixels: 255 mean and 255 std per channel; (None, None) for the rest."""
+    if normalize is None:
+        return None, None
+    offset, scale = (torch.tensor(v, device=device).mul(255).view(1, -1, 1, 1) for v in normalize)
+    return offset, scale
+
+
 def load_datasets(cfg: DataConfig, env: DistEnv) -> Datasets:
     """The datasets, downloaded at most once per shared `data.root`.
 
@@ -210,9 +221,6 @@ def build_pipeline(cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: i
     val_loader = DataLoader(
         val, batch_size=cfg.eval_batch_size, sampler=EvalShard(len(val), env.world_size, env.rank), **loader_kwargs
     )
-    offset = scale = None
-    if datasets.normalize is not None:  # per channel, in uint8 units
-        offset, scale = (torch.tensor(v, device=env.device).mul(255).view(1, -1, 1, 1) for v in datasets.normalize)
     return DataPipeline(
         TrainBatches(train_loader, sampler, cfg.batch_size),
         val_loader,
@@ -220,8 +228,7 @@ def build_pipeline(cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: i
         global_batch,
         datasets.baseline_val_loss,
         env.device,
-        offset,
-        scale,
+        *uint8_normalization(datasets.normalize, env.device),
     )
 
 
