@@ -37,8 +37,19 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    # digits | image_folder | cifar10 | mnist | synthetic | text
+    # digits | image_folder | cifar10 | mnist | synthetic | text, or "package.module:factory":
+    # factory(cfg: DataConfig, **data.kwargs) returns the train and validation datasets
+    # (map-style) and optionally the num_classes and input_shape the model needs (README).
     dataset: str = "digits"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments for a dataset factory
+    # What the model is built for when the data cannot say (a user dataset that returns no
+    # spec, or datasets passed to dist_train.fit): classes (or outputs), and one input's shape.
+    num_classes: int | None = None
+    input_shape: list[int] | None = None
+    # A sample that cannot be read (corrupt file, decode error): false stops with one line
+    # naming its index (and file); true replaces it with another sample chosen from its key,
+    # the same on every run, counted and logged as bad_samples.
+    skip_bad_samples: bool = False
     # Where image_folder/cifar10/mnist live; image_folder expects train/ (and optionally val/).
     root: str = "data"
     download: bool = False
@@ -73,6 +84,15 @@ class ModelConfig:
     small_input_stem: bool = True
     # Extra keyword arguments for a user factory ("module:factory").
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # Weights to start from (a run's start only; a run with checkpoints resumes instead): a
+    # safetensors file (dist-train export), a run directory (its newest valid checkpoint) or
+    # torchvision:WeightsEnum.NAME from $TORCH_HOME. Tensors whose shape differs (a new head)
+    # are re-initialised and listed.
+    init_from: str | None = None
+    # Parameter-name prefixes to freeze (requires_grad=False before wrapping), e.g. [conv1, layer1].
+    freeze: list[str] = field(default_factory=list)
+    # Keep BatchNorm running statistics of frozen modules fixed (eval mode) while training.
+    freeze_batchnorm: bool = False
 
 
 @dataclass
@@ -88,6 +108,9 @@ class OptimConfig:
     # inf check on the device, so fp16 needs no host sync per step. auto: on when the
     # parameters live on a GPU (not with parallel.cpu_offload).
     fused: bool | Literal["auto"] = "auto"
+    # Per parameter-name prefix, a factor on optim.lr (e.g. {backbone: 0.1}); the longest
+    # matching prefix wins. Groups are fixed at step 0, so resume always sees the same ones.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +131,14 @@ class TrainConfig:
     stop_at_step: int | None = None
     grad_accum_steps: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # cross_entropy | bce_with_logits (multi-label) | mse | l1 | model (the model is called as
+    # model(inputs, targets) and returns its loss, or a dict with "loss") | "package.module:fn"
+    # with fn(outputs, targets) -> scalar mean over the batch.
+    loss: str = "cross_entropy"
+    label_smoothing: float = 0.0  # cross_entropy only
+    # Validation metrics beside val_loss: accuracy (classes; per label for bce_with_logits),
+    # mae, mse. None: accuracy for cross_entropy and bce_with_logits, mae for mse and l1.
+    metrics: list[str] | None = None
     clip_grad_norm: float | None = None
     # A NaN/Inf loss or gradient: `error` stops the run naming the step (the last good checkpoint
     # is kept); `skip` drops that update on every rank, counts it and trains on (one host
@@ -363,7 +394,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -402,6 +433,14 @@ def _describe(hint: Any) -> list[str]:
 
 FLOAT32_MAX = 3.4028234663852886e38
 DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic", "text")
+LOSSES = ("cross_entropy", "bce_with_logits", "mse", "l1", "model")
+METRICS = ("accuracy", "mae", "mse")
+
+
+def is_import_path(name: str) -> bool:
+    """`package.module:attribute`, how users name their own factories and functions."""
+    module, sep, attr = name.partition(":")
+    return bool(sep and module and attr)
 
 
 def validate(cfg: Config) -> None:
@@ -419,7 +458,19 @@ def validate(cfg: Config) -> None:
         f"must be a directory name without '/' (not '.' or '..'), got {cfg.run.name!r}",
     )
     require(
-        cfg.data.dataset in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}; got {cfg.data.dataset!r}"
+        cfg.data.dataset in DATASETS or is_import_path(cfg.data.dataset),
+        "data.dataset",
+        f"must be one of {', '.join(DATASETS)} or 'package.module:factory'; got {cfg.data.dataset!r}",
+    )
+    require(
+        cfg.data.num_classes is None or cfg.data.num_classes >= 1,
+        "data.num_classes",
+        f"must be >= 1, got {cfg.data.num_classes}",
+    )
+    require(
+        cfg.data.input_shape is None or (len(cfg.data.input_shape) >= 1 and min(cfg.data.input_shape) >= 1),
+        "data.input_shape",
+        f"must be a list of positive sizes, got {cfg.data.input_shape}",
     )
     require(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
     require(cfg.data.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {cfg.data.eval_batch_size}")
@@ -458,6 +509,13 @@ def validate(cfg: Config) -> None:
         f"must be two values in [0, 1), got {cfg.optim.betas}",
     )
     require(cfg.optim.eps > 0, "optim.eps", f"must be > 0, got {cfg.optim.eps}")
+    for prefix, factor in cfg.optim.lr_multipliers.items():
+        require(factor >= 0, f"optim.lr_multipliers.{prefix}", f"must be >= 0, got {factor}")
+    require(
+        cfg.model.init_from is None or bool(cfg.model.init_from.strip()),
+        "model.init_from",
+        "must be a safetensors file, a run directory or torchvision:Weights.NAME",
+    )
 
     require(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {cfg.schedule.warmup_steps}")
     require(
@@ -469,6 +527,19 @@ def validate(cfg: Config) -> None:
     require(0 < cfg.schedule.gamma <= 1, "schedule.gamma", f"must be in (0, 1], got {cfg.schedule.gamma}")
 
     t = cfg.train
+    require(
+        t.loss in LOSSES or is_import_path(t.loss),
+        "train.loss",
+        f"must be one of {', '.join(LOSSES)} or 'package.module:function'; got {t.loss!r}",
+    )
+    require(0 <= t.label_smoothing < 1, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    require(
+        t.label_smoothing == 0 or t.loss == "cross_entropy",
+        "train.label_smoothing",
+        f"applies to train.loss=cross_entropy only, not {t.loss}",
+    )
+    for i, metric in enumerate(t.metrics or []):
+        require(metric in METRICS, f"train.metrics[{i}]", f"must be one of {', '.join(METRICS)}; got {metric!r}")
     require(
         t.max_steps is not None or t.max_epochs is not None,
         "train.max_steps",
@@ -511,6 +582,12 @@ def validate(cfg: Config) -> None:
     )
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
     require(bool(cfg.checkpoint.resume), "checkpoint.resume", "must be auto, never or a checkpoint path")
+
+
+def check_device(cfg: Config, cuda_available: bool) -> None:
+    """What the config asks of the machine, checked before any worker starts."""
+    if cfg.train.precision == "fp16" and not cuda_available:
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); use bf16 on CPU")
 
 
 def resolve_auto(setting: bool | str, when_auto: bool) -> bool:

@@ -21,7 +21,7 @@ from types import FrameType
 import torch
 
 from dist_train import checkpoint, slurm, worker_env
-from dist_train.config import Config, UserError
+from dist_train.config import Config, UserError, check_device
 from dist_train.parallel import check_world_size
 from dist_train.preemption import PREEMPTED_EXIT_CODE, STOPPED_MARKER
 
@@ -97,9 +97,7 @@ def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions
 
 def preflight(cfg: Config, world_size: int) -> None:
     """Mistakes the workers would hit on their first line, caught before any worker starts."""
-    from dist_train.trainer import autocast
-
-    autocast(cfg.train.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # fp16 on CPU
+    check_device(cfg, torch.cuda.is_available())
     check_world_size(cfg.parallel.strategy, world_size)
     if cfg.checkpoint.resume not in ("auto",):
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
