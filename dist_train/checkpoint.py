@@ -262,18 +262,20 @@ def load_rng_state(path: Path, rank: int) -> dict[str, Any]:
 
 # What must not change between the run that wrote a checkpoint and the run resuming it.
 # parallel.strategy may change: model and optimizer state are stored by parameter name.
-RESUME_INVARIANTS = ("data.dataset", "model.name", "optim.name")
+RESUME_INVARIANTS = ("data.dataset", "model.name", "optim.name", "train.loss")
 
 
 def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> Config:
     """One-line errors for a resume that could not continue the same run; returns the config
     to resume with, whose accumulation keeps the global batch when the world size changed."""
     saved, current = state["config"], to_dict(cfg)  # saved: the config as the user gave it
+    defaults = to_dict(Config())  # for keys added after the checkpoint was written
     for key in RESUME_INVARIANTS:
         section, name = key.split(".")
-        if saved[section][name] != current[section][name]:
+        before = saved[section].get(name, defaults[section][name])
+        if before != current[section][name]:
             raise CheckpointError(
-                f"checkpoint {source} was written with {key}={saved[section][name]}, this run has "
+                f"checkpoint {source} was written with {key}={before}, this run has "
                 f"{current[section][name]}; keep it or start a new run.name"
             )
     if (saved["train"]["precision"] == "fp16") != (cfg.train.precision == "fp16"):

@@ -443,6 +443,21 @@ def is_import_path(name: str) -> bool:
     return bool(sep and module and attr)
 
 
+def import_object(path: str, key: str) -> Any:
+    """The callable `package.module:attribute` that config key `key` names, or one line why not."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{key}={path}: cannot import {module_name} ({exc})") from None
+    found = getattr(module, attr, None)
+    if not callable(found):
+        raise ConfigError(f"{key}={path}: {module_name} has no callable {attr!r}")
+    return found
+
+
 def validate(cfg: Config) -> None:
     """Range and cross-field checks; each failure names its key."""
 

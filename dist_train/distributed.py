@@ -181,6 +181,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(buffer, src=src)
 
 
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank 0's parameters and buffers (before wrapping: FSDP2, unlike DDP,
+    does not broadcast them, and shards whatever each rank holds)."""
+    if dist.is_initialized():
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor, src=src)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from dist_train.config import ConfigError, ModelConfig
+from dist_train.config import ConfigError, ModelConfig, import_object
 from dist_train.data import DataSpec
 from dist_train.gpt import GPT
 
@@ -78,18 +75,6 @@ def _resnet(depth: int, cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     return model
 
 
-def _user_factory(path: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except (ImportError, ValueError, TypeError) as exc:
-        raise ConfigError(f"model.name={path}: cannot import {module_name} ({exc})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"model.name={path}: {module_name} has no callable {attr!r}")
-    return factory
-
-
 BUILTIN = ("seed_cnn", "mlp", "resnet18", "resnet50", "gpt")
 
 
@@ -113,7 +98,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
 
 
 def _user_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    factory = _user_factory(cfg.name)
+    factory = import_object(cfg.name, "model.name")
     try:
         model = factory(num_classes=spec.num_classes, input_shape=spec.input_shape, **cfg.kwargs)
     except TypeError as exc:

@@ -175,6 +175,9 @@ def check_world_size(strategy: str, world_size: int) -> None:
         )
 
 
+Strategy = SingleProcess  # the interface every strategy implements
+
+
 def build_strategy(cfg: ParallelConfig, env: DistEnv, precision: str = "fp32") -> SingleProcess:
     check_world_size(cfg.strategy, env.world_size)
     if cfg.strategy == "ddp" and env.world_size > 1:

@@ -1,8 +1,9 @@
 """The training loop: setup, gradient-accumulating AMP steps, evaluation, checkpoints.
 
-Read it top to bottom: `train` builds everything and restores a checkpoint, `_fit` is the loop.
-The hot path does no host sync; losses and the non-finite check stay on the device and are
-read only every `train.log_every` steps and before a checkpoint is written.
+Read it top to bottom: `train` builds a Run (what a run is made of) and restores a checkpoint,
+`_fit` is the loop. The Task owns the loss and the validation metrics, so the loop never
+branches on what is learned. The hot path does no host sync; losses and the non-finite check
+stay on the device and are read only every `train.log_every` steps and before a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from dist_train import checkpoint
-from dist_train.config import Config, ConfigError, UserError, dump_yaml, resolve_auto, to_dict
-from dist_train.data import DataPipeline, build_pipeline, total_steps
+from dist_train.config import Config, UserError, check_device, dump_yaml, resolve_auto, to_dict
+from dist_train.data import DataPipeline, Datasets, build_pipeline, total_steps
 from dist_train.distributed import (
     DistEnv,
     all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
     broadcast_buffers,
+    broadcast_module,
     broadcast_object,
     is_timeout,
     process_group,
@@ -47,8 +49,9 @@ from dist_train.efficiency import flops_per_token, local_shard, mfu, param_and_o
 from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler, keep_kernel_choice, load_scheduler_position, use_fused
-from dist_train.parallel import build_strategy, prepare_blocks
+from dist_train.parallel import Strategy, build_strategy, prepare_blocks
 from dist_train.preemption import STOPPED_MARKER, StopRequest
+from dist_train.tasks import LossFn, Task, build_task
 
 
 class NonFiniteLossError(UserError):
@@ -63,24 +66,54 @@ class TrainResult:
     stopped_by: str | None = None  # the signal that ended the run early, after a checkpoint
 
 
+@dataclass
+class UserParts:
+    """What dist_train.fit was handed as Python objects; each wins over its name in the config."""
+
+    model: nn.Module | None = None
+    datasets: Datasets | None = None
+    loss: LossFn | None = None
+
+
+@dataclass
+class Run:
+    """What a run is made of. The loop takes every part from here by name."""
+
+    cfg: Config
+    env: DistEnv
+    model: nn.Module  # as wrapped by the strategy
+    strategy: Strategy
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    data: DataPipeline
+    task: Task
+    logger: RunLogger
+    save: Callable[[int], Path]
+    stop: StopRequest
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+
 def autocast(precision: str, device: torch.device) -> ContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA GPU (it relies on GradScaler); use bf16 on CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, parts: UserParts | None = None) -> TrainResult:
+    """Train (or resume) the run `cfg` describes, in this process: one rank of torchrun's
+    group when started under it, else alone. dist_train.fit is the public entry point."""
     if resolve_auto(cfg.train.retain_host_memory, when_auto=not torch.cuda.is_available()):
         retain_freed_host_memory()
     with process_group(cfg.parallel.collective_timeout_s) as env:
-        return _train(cfg, env)
+        return _train(cfg, env, parts or UserParts())
 
 
-def _train(cfg: Config, env: DistEnv) -> TrainResult:
+def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
+    check_device(cfg, env.device.type == "cuda")
     strategy = build_strategy(cfg.parallel, env, cfg.train.precision)
-    autocast(cfg.train.precision, env.device)  # fails fast on fp16 without a GPU
     if env.device.type == "cuda":
         set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
     run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
@@ -101,8 +134,13 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         )
 
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
-    data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
-    model = build_model(cfg.model, data.spec).to(env.device)
+    data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed, parts.datasets)
+    if parts.model is None:
+        model = build_model(cfg.model, data.spec).to(env.device)
+    else:  # built by the user's script on each rank, maybe from different random states
+        model = parts.model.to(env.device)
+        broadcast_module(model)
+    task = build_task(cfg.train, parts.loss)
     channels_last = use_channels_last(
         cfg.train.channels_last, env.device, data.spec.input_shape, sharded=strategy.name == "fsdp"
     )
@@ -153,6 +191,7 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         settings += ["channels_last"] if channels_last else []
         settings += ["fused optimizer"] if fused else []
         settings += [f"process group {dist.get_backend()}"] if dist.is_initialized() else []
+        settings += [f"loss {task.name}"]
         logger.message(
             f"training {last_step} steps of global batch {data.global_batch} "
             f"({env.world_size} x {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation) "
@@ -175,22 +214,9 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
 
         with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"], cfg.parallel.collective_timeout_s) as stop:
+            run = Run(cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, save, stop)
             try:
-                result = _fit(
-                    cfg,
-                    env,
-                    model,
-                    strategy,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    data,
-                    logger,
-                    save,
-                    stop,
-                    start_step,
-                    last_step,
-                )
+                result = _fit(run, start_step, last_step)
             except (RuntimeError, dist.DistError) as exc:
                 if not (env.is_distributed and is_timeout(exc)):
                     raise
@@ -246,21 +272,9 @@ def _on_rank0(env: DistEnv, decide, share: bool = True):
     return value if env.is_main and not share else shared
 
 
-def _fit(
-    cfg: Config,
-    env: DistEnv,
-    model: nn.Module,
-    strategy,
-    optimizer,
-    scheduler,
-    scaler,
-    data: DataPipeline,
-    logger: RunLogger,
-    save,
-    stop: StopRequest,
-    start_step: int,
-    last_step: int,
-) -> TrainResult:
+def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
+    cfg, env, model, data, task = run.cfg, run.env, run.model, run.data, run.task
+    strategy, optimizer, scheduler, scaler, logger = run.strategy, run.optimizer, run.scheduler, run.scaler, run.logger
     t = cfg.train
     amp = contextlib.nullcontext() if strategy.handles_precision else autocast(t.precision, env.device)
     device = env.device
@@ -305,7 +319,7 @@ def _fit(
             )
         return sums[: len(counted_losses)]
 
-    model.train()
+    run.train_mode()
     for step in range(start_step + 1, end_step + 1):
         micro_losses = []
         for micro in range(t.grad_accum_steps):
@@ -317,15 +331,14 @@ def _fit(
             # Gradients are all-reduced only on the last micro-batch of the step.
             with strategy.gradient_sync(model, enabled=micro == t.grad_accum_steps - 1):
                 with amp:
-                    # Flattened so one line serves classes (batch, classes) and tokens (batch, seq, vocab).
-                    loss = F.cross_entropy(model(inputs).flatten(0, -2).float(), targets.flatten())
+                    loss = task.loss(model, inputs, targets)
                 # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
                 # the accumulation count makes the summed gradient that of one big batch.
                 scaler.scale(loss / t.grad_accum_steps if t.grad_accum_steps > 1 else loss).backward()
             micro_losses.append(loss.detach())
         step_loss = micro_losses[0] if len(micro_losses) == 1 else torch.stack(micro_losses).sum()
 
-        stop_signal = stop.poll(step)  # the same answer on every rank
+        stop_signal = run.stop.poll(step)  # the same answer on every rank
         log_now = step % t.log_every == 0 or step == end_step or stop_signal is not None
         grad_norm = None
         if t.clip_grad_norm is not None or log_now or skip_nonfinite:
@@ -393,17 +406,17 @@ def _fit(
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
             result.eval_metrics = evaluate(
-                strategy.unwrap(model), data.val_loader, to_device, device, amp, t.eval_batches
+                strategy.unwrap(model), task, data.val_loader, to_device, device, amp, t.eval_batches
             )
             logger.log(step, result.eval_metrics)
-            model.train()
+            run.train_mode()
 
         if checkpoint_due:
             # A finite loss can still come with an update that made the weights non-finite.
             weights_ok = torch.stack([local_shard(p.detach()).isfinite().all() for p in params]).all()
             summed_losses(weights_ok, step)  # never let a NaN model replace the last good checkpoint
             save_start = time.perf_counter()
-            result.checkpoint = save(step)
+            result.checkpoint = run.save(step)
             logger.log(step, {"checkpoint_save_s": time.perf_counter() - save_start})  # the training stall
         interval_start += time.perf_counter() - pause_start
         result.step = step
@@ -422,20 +435,22 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
+    task: Task,
     loader,
     inputs_to_device: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     amp: ContextManager,
     max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Loss and accuracy over the validation split (or the first max_batches of each rank's
-    shard, always the same ones), summed across ranks so every rank gets the same numbers.
+    """The task's loss and metrics over the validation split (or the first max_batches of each
+    rank's shard, always the same ones), summed across ranks so every rank gets the same numbers.
 
     Every rank runs the same number of forwards (a sharded model all-gathers inside each one);
     a rank whose shard ran out repeats its last batch without counting it.
     """
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    names = task.metric_names()
+    totals = torch.zeros(2 * len(names), dtype=torch.float64, device=device)  # (sum, count) per name
     own_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     rounds = int(all_reduce_max(torch.tensor(own_batches, device=device)).item())
     batches = iter(loader)
@@ -444,12 +459,9 @@ def evaluate(
             inputs, targets = next(batches)
             inputs, targets = inputs_to_device(inputs), targets.to(device, non_blocking=True)
         with amp:
-            logits = model(inputs)
+            batch_totals = task.eval_totals(model, inputs, targets)
         if index >= own_batches:
             continue
-        logits, flat_targets = logits.flatten(0, -2), targets.flatten()  # tokens count like samples
-        totals[0] += F.cross_entropy(logits.float(), flat_targets, reduction="sum")
-        totals[1] += (logits.argmax(dim=1) == flat_targets).sum()
-        totals[2] += flat_targets.numel()
-    loss_sum, correct, count = all_reduce_sum(totals).tolist()
-    return {"val_loss": loss_sum / count, "val_acc": correct / count}
+        totals += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in batch_totals])
+    sums = all_reduce_sum(totals).tolist()
+    return {name: sums[2 * i] / sums[2 * i + 1] for i, name in enumerate(names)}

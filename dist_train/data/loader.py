@@ -191,8 +191,11 @@ def load_datasets(cfg: DataConfig, env: DistEnv) -> Datasets:
     return datasets if datasets is not None else build_datasets(cfg, download=False)
 
 
-def build_pipeline(cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int) -> DataPipeline:
-    datasets = load_datasets(cfg, env)
+def build_pipeline(
+    cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int, datasets: Datasets | None = None
+) -> DataPipeline:
+    """The run's batches from the datasets `cfg` names, or from `datasets` when given."""
+    datasets = datasets if datasets is not None else load_datasets(cfg, env)
     global_batch = env.world_size * cfg.batch_size * grad_accum_steps
     n_train = len(datasets.train)
     if n_train < global_batch:
