@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import hashlib
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from dist_train.config import UserError, load_config
 
@@ -51,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.append(item)
     try:
         if args.command == "export":
-            from pathlib import Path
-
             from dist_train.export import export
 
             source = export(Path(args.run_dir), Path(args.out), args.step, args.dtype)
@@ -66,21 +68,41 @@ def main(argv: list[str] | None = None) -> int:
             given = {k for k, v in flags.items() if v is not None}
             opts = LaunchOptions(args.nproc_per_node, max_restarts=args.max_restarts, **{k: flags[k] for k in given})
             return launch(cfg, args.config, args.overrides, from_slurm(opts, given, os.environ))
+        from dist_train.api import fit
         from dist_train.preemption import PREEMPTED_EXIT_CODE
-        from dist_train.trainer import train
 
-        stopped_early = train(cfg).stopped_by is not None
+        stopped_early = fit(cfg).stopped_by is not None
         under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # then the launcher reports it
         return PREEMPTED_EXIT_CODE if stopped_early and not under_torchrun else 0
     except UserError as exc:
         rank = os.environ.get("RANK")
-        prefix = (
-            f"error (rank {rank}): " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else "error: "
-        )
-        print(prefix + str(exc), file=sys.stderr)
+        if rank is None or os.environ.get("WORLD_SIZE", "1") == "1":
+            print(f"error: {exc}", file=sys.stderr)
+        elif first_to_report(str(exc)):
+            print(f"error (rank {rank}): {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def first_to_report(message: str) -> bool:
+    """Whether this worker is the first of its node to report `message`.
+
+    Most mistakes (a config key, a missing file, a checkpoint) stop every rank with the same
+    line; printing it once per rank buries it. The first rank to claim the message's file in
+    a directory private to this torchrun job and restart prints it; a rank-specific message
+    is another file, so it is still printed.
+    """
+    job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    claims = Path(tempfile.gettempdir()) / f"dist_train-errors-{getpass.getuser()}-{job}"
+    try:
+        claims.mkdir(exist_ok=True)
+        os.close(os.open(claims / hashlib.sha1(message.encode()).hexdigest(), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    except OSError:
+        pass  # no temporary directory: better twice than never
+    return True
 
 
 if __name__ == "__main__":

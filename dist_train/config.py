@@ -7,6 +7,7 @@ typo never silently becomes a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -234,11 +235,16 @@ PREEMPT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Build a Config from schema defaults, then a YAML file, then `a.b=value` overrides."""
+def load_config(source: str | Path | dict[str, Any] | Config | None, overrides: list[str] = ()) -> Config:
+    """Build a Config from schema defaults, then a YAML file (or a mapping of the same shape,
+    or a Config), then `a.b=value` overrides; validated the same way whichever the source."""
     values: dict[str, Any] = {}
-    if path is not None:
-        values = _read_yaml(Path(path))
+    if isinstance(source, Config):
+        values = to_dict(source)
+    elif isinstance(source, dict):
+        values = copy.deepcopy(source)
+    elif source is not None:
+        values = _read_yaml(Path(source))
     hints = _leaf_hints()
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -338,8 +344,9 @@ def _unknown_key(key: str) -> ConfigError:
     close = difflib.get_close_matches(key.lower(), list(by_lower), n=1, cutoff=0.5)
     leaf = key.rsplit(".", 1)[-1].lower()
     same_leaf = [k for k in keys if k.rsplit(".", 1)[-1].lower() == leaf]
-    # train.lr is closer to "train" as text, but the user meant the lr that lives in optim.
-    suggestion = same_leaf[0] if len(same_leaf) == 1 and (not close or "." not in by_lower[close[0]]) else None
+    # train.lr is closer to "train.loss" as text, but the user meant the lr that lives in optim:
+    # a key that exists under another section beats a look-alike.
+    suggestion = same_leaf[0] if len(same_leaf) == 1 else None
     suggestion = suggestion or (by_lower[close[0]] if close else None)
     hint = f"; did you mean {suggestion}?" if suggestion else ""
     shown = " ".join(key.split())  # a YAML key may hold a newline; the error stays one line

@@ -124,7 +124,11 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
     preflight(cfg, nproc * opts.nnodes)
     added_env = prepare_node(cfg, opts.nnodes)
     print("+ " + shlex.join(cmd), flush=True)
-    line, is_warning = worker_env.cpu_report(worker_env.available_cpus(), nproc)  # inherited by the workers
+    cpus = worker_env.available_cpus()  # inherited by the workers
+    line, is_warning = worker_env.cpu_report(cpus, nproc)
+    added_env.update(worker_env.omp_threads_env(os.environ, cpus, nproc))
+    if "OMP_NUM_THREADS" in added_env:
+        line += f", {added_env['OMP_NUM_THREADS']} OpenMP thread(s) each"
     print(line, file=sys.stderr if is_warning else sys.stdout, flush=True)
     # torchrun's own entry point, in this process: the same behaviour as the printed command
     # (signals, restarts, rendezvous), but a failed worker ends in one line, not a traceback.

@@ -108,6 +108,14 @@ def cpu_report(cpus: int, workers: int) -> tuple[str, bool]:
     )
 
 
+def omp_threads_env(environ: Mapping[str, str], cpus: int, workers: int) -> dict[str, str]:
+    """OMP_NUM_THREADS for the workers: the node's CPUs shared out, unless the user set it.
+    (torchrun would otherwise set 1 and print a four-line warning at every start.)"""
+    if "OMP_NUM_THREADS" in environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, cpus // workers))}
+
+
 def check_socket_ifnames(environ: Mapping[str, str], interfaces: list[str] | None = None) -> None:
     """Refuse GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME naming no interface of this node, which
     would otherwise fail inside every worker (gloo) or hang the rendezvous (NCCL)."""
