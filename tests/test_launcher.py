@@ -6,14 +6,15 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, cli_env, run_cli, tiny_overrides
 from torch.distributed.run import get_args_parser
 
-from dist_train import checkpoint, launcher
+from dist_train import checkpoint, launcher, worker_env
 from dist_train.config import UserError, load_config
 from dist_train.launcher import LaunchOptions, resolve_nproc, torchrun_command
 
@@ -285,6 +286,33 @@ def test_launch_mistake_only_a_worker_sees_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr, output
     assert "fewer than one global batch" in proc.stderr, output
     assert proc.stderr.strip().splitlines()[-1] == "error: worker rank 0 exited with code 2; its message is above"
+
+
+def test_two_workers_with_the_same_mistake_print_it_once_and_no_omp_banner(tmp_path):
+    # Both ranks find the dataset smaller than one global batch. OMP_NUM_THREADS is left unset,
+    # as users leave it: launch sets it, so torchrun's warning banner must not appear.
+    env = {k: v for k, v in cli_env().items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_train.cli", "launch", CONFIG, "--nproc-per-node", "2"]
+        + tiny_overrides(tmp_path, **{"data.batch_size": 1000}),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = f"rc={proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 2, output
+    assert len([line for line in proc.stderr.splitlines() if "fewer than one global batch" in line]) == 1, output
+    assert "OMP_NUM_THREADS" not in proc.stderr, output
+    cpus = worker_env.available_cpus()
+    assert f"{max(1, cpus // 2)} OpenMP thread(s) each" in proc.stdout, output
+
+
+def test_omp_threads_share_the_cpus_unless_the_user_set_them():
+    assert worker_env.omp_threads_env({}, 16, 4) == {"OMP_NUM_THREADS": "4"}
+    assert worker_env.omp_threads_env({}, 2, 4) == {"OMP_NUM_THREADS": "1"}
+    assert worker_env.omp_threads_env({"OMP_NUM_THREADS": "3"}, 16, 4) == {}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
