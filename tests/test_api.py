@@ -126,3 +126,19 @@ def test_bad_objects_are_one_line_errors(tmp_path):
         dist_train.fit(_digits_config(tmp_path), train_data=Stream(), val_data=data)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
+
+
+def test_the_readme_example_script_trains_the_digits(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "examples/fit_api.py", f"run.output_dir={tmp_path}", "train.max_epochs=3"]
+        + ["train.progress_bar=false", "parallel.strategy=none"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = proc.stdout.strip().splitlines()[-1]
+    assert final.startswith("step 132: ")  # 1,437 samples / batch 32 = 44 steps a epoch
+    assert json.loads(final.split(": ", 1)[1].replace("'", '"'))["val_acc"] > 0.9
