@@ -385,3 +385,9 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_as_if_uninterrupted(t
         final[name] = checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / name / "checkpoints"))
     for key, tensor in final["straight"].items():
         assert torch.equal(final["crashed"][key], tensor), key
+
+
+def test_the_launcher_never_imports_training_code():
+    probe = "import sys, dist_train.cli, dist_train.launcher; print('dist_train.trainer' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.strip() == "False", proc.stderr
