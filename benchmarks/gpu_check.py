@@ -148,7 +148,9 @@ def check_nccl(smoke: bool) -> Result:
     run = cli(
         "launch", "configs/digits.yaml", ["train.max_epochs=null", "train.max_steps=50", "train.log_every=10"], 300
     )
-    backend = run.start_line.rsplit("process group ", 1)[-1] if "process group" in run.start_line else ""
+    # The start line's settings go "..., process group nccl:cuda,gloo:cpu, loss cross_entropy".
+    after = run.start_line.rsplit("process group ", 1)[-1] if "process group" in run.start_line else ""
+    backend = after.split(", ", 1)[0]
     expected = "gloo" if smoke else "nccl"
     ok = run.returncode == 0 and expected in backend and (smoke or "gloo" in backend)
     note = run.start_line if ok else run.failure()

@@ -79,6 +79,11 @@ BUILTIN = ("seed_cnn", "mlp", "resnet18", "resnet50", "gpt")
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    if spec.num_classes is None:
+        raise ConfigError(
+            f"model.name={cfg.name} needs the number of classes or outputs: set data.num_classes "
+            "(the dataset does not say, and its labels are not scanned)"
+        )
     if cfg.name == "gpt":
         if len(spec.input_shape) != 1:
             raise ConfigError("model.name=gpt needs token sequences: use data.dataset=text")

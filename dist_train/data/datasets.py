@@ -8,10 +8,11 @@ import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
 from dist_train.config import DataConfig, UserError
 from dist_train.data.augmentation import RandomShift, torchvision_pipeline
@@ -24,7 +25,7 @@ class DataError(UserError):
 @dataclass(frozen=True)
 class DataSpec:
     input_shape: tuple[int, ...]  # (channels, height, width) for images, (seq_len,) for text
-    num_classes: int
+    num_classes: int | None  # classes or outputs; None where nothing told it and a model object needs none
 
 
 @dataclass
@@ -208,6 +209,70 @@ def unigram_loss(train_tokens: torch.Tensor, val_tokens: torch.Tensor) -> float:
     counts = torch.bincount(train_tokens.long(), minlength=256).double() + 1
     log_p = (counts / counts.sum()).log()
     return -log_p[val_tokens.long()].mean().item()
+
+
+def datasets_from_objects(
+    train: object,
+    val: object,
+    num_classes: int | None,
+    input_shape: list[int] | tuple[int, ...] | None,
+    source: str,
+    train_transform: Callable | None = None,
+    eval_transform: Callable | None = None,
+) -> Datasets:
+    """A user's train and validation datasets, checked, with the DataSpec a model factory needs.
+
+    `num_classes` and `input_shape` given (config or factory) win; otherwise they are read from
+    the data: input_shape from the first training input, num_classes from a `classes` list, a
+    TensorDataset's integer labels, or the width of float targets (regression, multi-label).
+    """
+    for role, dataset in (("train", train), ("validation", val)):
+        if isinstance(dataset, IterableDataset):
+            raise DataError(
+                f"{source}: the {role} dataset is an IterableDataset; dist_train needs a map-style Dataset "
+                "(__len__ and __getitem__) because exact resume and sharding index samples"
+            )
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise DataError(
+                f"{source}: the {role} dataset ({type(dataset).__name__}) is not a map-style Dataset "
+                "with __len__ and __getitem__"
+            )
+        if len(dataset) == 0:
+            raise DataError(f"{source}: the {role} dataset is empty")
+    shape = tuple(input_shape) if input_shape is not None else _input_shape(train, source)
+    classes = num_classes if num_classes is not None else _num_classes(train)
+    return Datasets(train, val, train_transform, eval_transform, DataSpec(shape, classes))
+
+
+def _first_sample(dataset: Dataset, source: str) -> tuple[Any, Any]:
+    try:
+        sample = dataset[0]
+    except Exception as exc:  # noqa: BLE001 - any failure of user code becomes one line
+        raise DataError(f"{source}: reading training sample 0 failed: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
+        raise DataError(f"{source}: a sample must be an (input, target) pair, got {type(sample).__name__}")
+    return sample[0], sample[1]
+
+
+def _input_shape(train: Dataset, source: str) -> tuple[int, ...]:
+    inputs, _ = _first_sample(train, source)
+    return tuple(inputs.shape) if hasattr(inputs, "shape") else ()
+
+
+def _num_classes(train: Dataset) -> int | None:
+    classes = getattr(train, "classes", None)
+    if isinstance(classes, (list, tuple)) and classes:
+        return len(classes)
+    if isinstance(train, TensorDataset) and len(train.tensors) == 2:
+        targets = train.tensors[1]
+        if targets.ndim == 1:  # class indices, or one regression output
+            return 1 if targets.is_floating_point() else int(targets.max()) + 1
+        return int(targets[0].numel())  # one column per output or label
+    _, target = train[0]
+    target = torch.as_tensor(target)
+    if target.is_floating_point():
+        return max(1, target.numel())
+    return None  # integer labels of a generic dataset: scanning them all could take minutes
 
 
 DOWNLOADABLE = ("cifar10", "mnist")
