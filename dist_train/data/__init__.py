@@ -10,7 +10,15 @@ Two decisions make resume exact and independent of workers and world size:
 """
 
 from dist_train.data.augmentation import RandomShift
-from dist_train.data.datasets import DataError, Datasets, DataSpec, build_datasets, datasets_from_objects, stdlib_sources, unigram_loss
+from dist_train.data.datasets import (
+    DataError,
+    Datasets,
+    DataSpec,
+    build_datasets,
+    datasets_from_objects,
+    stdlib_sources,
+    unigram_loss,
+)
 from dist_train.data.loader import (
     IN_MEMORY_CHUNK,
     DataPipeline,
