@@ -12,6 +12,8 @@ import dataclasses
 import datetime
 import difflib
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -454,6 +456,7 @@ def import_object(path: str, key: str) -> Any:
     """The callable `package.module:attribute` that config key `key` names, or one line why not."""
     import importlib
 
+    _put_cwd_on_path()
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -463,6 +466,19 @@ def import_object(path: str, key: str) -> Any:
     if not callable(found):
         raise ConfigError(f"{key}={path}: {module_name} has no callable {attr!r}")
     return found
+
+
+def _put_cwd_on_path() -> None:
+    """Make modules in the current directory importable, as `python -m` does.
+
+    `python -m dist_train.cli` and torchrun's `-m` workers start with the current directory on
+    sys.path; the `dist-train` console script starts with its own bin/ folder instead, so
+    `examples.my_dataset:shapes` would import under one and not the other. Put first, as
+    `python -m` puts it, a module next to the config wins over an installed one of that name.
+    """
+    cwd = os.getcwd()
+    if not any(entry == "" or os.path.abspath(entry) == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def validate(cfg: Config) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, TensorDataset
 
-from dist_train.config import DataConfig, UserError
+from dist_train.config import ConfigError, DataConfig, UserError, import_object, is_import_path
 from dist_train.data.augmentation import RandomShift, torchvision_pipeline
 
 
@@ -239,7 +240,10 @@ def datasets_from_objects(
             )
         if len(dataset) == 0:
             raise DataError(f"{source}: the {role} dataset is empty")
-    shape = tuple(input_shape) if input_shape is not None else _input_shape(train, source)
+    # The model sees inputs after the transforms: measure one transformed (deterministically
+    # where there is an evaluation transform) when the shape is not given.
+    transform = eval_transform or train_transform
+    shape = tuple(input_shape) if input_shape is not None else _input_shape(train, source, transform)
     classes = num_classes if num_classes is not None else _num_classes(train)
     return Datasets(train, val, train_transform, eval_transform, DataSpec(shape, classes))
 
@@ -248,14 +252,22 @@ def _first_sample(dataset: Dataset, source: str) -> tuple[Any, Any]:
     try:
         sample = dataset[0]
     except Exception as exc:  # noqa: BLE001 - any failure of user code becomes one line
-        raise DataError(f"{source}: reading training sample 0 failed: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{source}: reading training sample 0 failed: {type(exc).__name__}: {one_line(exc)}") from None
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2):
         raise DataError(f"{source}: a sample must be an (input, target) pair, got {type(sample).__name__}")
     return sample[0], sample[1]
 
 
-def _input_shape(train: Dataset, source: str) -> tuple[int, ...]:
+def _input_shape(train: Dataset, source: str, transform: Callable | None) -> tuple[int, ...]:
     inputs, _ = _first_sample(train, source)
+    if transform is not None:
+        try:
+            with torch.random.fork_rng(devices=[]):  # a random transform must not shift model init
+                inputs = transform(inputs)
+        except Exception as exc:  # noqa: BLE001 - any failure of user code becomes one line
+            raise DataError(
+                f"{source}: transforming training sample 0 failed: {type(exc).__name__}: {one_line(exc)}"
+            ) from None
     return tuple(inputs.shape) if hasattr(inputs, "shape") else ()
 
 
@@ -275,11 +287,72 @@ def _num_classes(train: Dataset) -> int | None:
     return None  # integer labels of a generic dataset: scanning them all could take minutes
 
 
+# What a dataset factory may return beside the two datasets (README, "Your own dataset").
+FACTORY_KEYS = ("train", "val", "num_classes", "input_shape", "train_transform", "eval_transform")
+
+
+def _from_factory(cfg: DataConfig) -> Datasets:
+    """data.dataset=package.module:factory: `factory(cfg, **data.kwargs)` returns a mapping
+    {"train": Dataset, "val": Dataset} with optionally "num_classes", "input_shape" (what the
+    model is built for; data.num_classes/data.input_shape win) and "train_transform",
+    "eval_transform" (applied by dist_train, the training one seeded per sample)."""
+    name, source = cfg.dataset, f"data.dataset={cfg.dataset}"
+    factory = import_object(name, "data.dataset")
+    try:
+        # Checked apart from the call, so that a TypeError raised inside the factory is not
+        # reported as a wrong signature.
+        inspect.signature(factory).bind(cfg, **cfg.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{source} must accept (cfg, **data.kwargs) with data.kwargs={cfg.kwargs}: {exc}") from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin): the call below says what is wrong
+    try:
+        returned = factory(cfg, **cfg.kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failure of user code becomes one line
+        raise DataError(f"{source} raised {type(exc).__name__}: {one_line(exc)}") from None
+    if not isinstance(returned, Mapping) or not {"train", "val"} <= set(returned):
+        got = type(returned).__name__ if not isinstance(returned, Mapping) else f"keys {sorted(map(str, returned))}"
+        raise DataError(f"{source} must return a dict with 'train' and 'val' datasets, got {got}")
+    unknown = sorted(str(k) for k in returned if k not in FACTORY_KEYS)
+    if unknown:
+        raise DataError(f"{source} returned unknown key(s) {unknown}; it may return {', '.join(FACTORY_KEYS)}")
+    num_classes = cfg.num_classes if cfg.num_classes is not None else returned.get("num_classes")
+    input_shape = cfg.input_shape if cfg.input_shape is not None else returned.get("input_shape")
+    if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
+        raise DataError(f"{source} returned num_classes={num_classes!r}; it must be a positive integer")
+    if input_shape is not None and not (
+        isinstance(input_shape, (list, tuple))
+        and input_shape
+        and all(isinstance(size, int) and size >= 1 for size in input_shape)
+    ):
+        raise DataError(f"{source} returned input_shape={input_shape!r}; it must be a list of positive sizes")
+    for key in ("train_transform", "eval_transform"):
+        if returned.get(key) is not None and not callable(returned[key]):
+            raise DataError(f"{source} returned a {key} that is not callable: {returned[key]!r}")
+    return datasets_from_objects(
+        returned["train"],
+        returned["val"],
+        num_classes,
+        input_shape,
+        source,
+        train_transform=returned.get("train_transform"),
+        eval_transform=returned.get("eval_transform"),
+    )
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 DOWNLOADABLE = ("cifar10", "mnist")
 
 
 def build_datasets(cfg: DataConfig, download: bool | None = None) -> Datasets:
-    """The named datasets; `download` (default data.download) fetches what is missing."""
+    """The named datasets, or a user factory's; `download` (default data.download) fetches
+    what is missing."""
     if cfg.dataset == "digits":
         return _digits(cfg)
     if cfg.dataset in DOWNLOADABLE:
@@ -290,4 +363,6 @@ def build_datasets(cfg: DataConfig, download: bool | None = None) -> Datasets:
         return _synthetic(cfg)
     if cfg.dataset == "text":
         return _text(cfg)
+    if is_import_path(cfg.dataset):
+        return _from_factory(cfg)
     raise DataError(f"unknown data.dataset {cfg.dataset!r}")
