@@ -386,6 +386,7 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
                     "grad_norm": _full(grad_norm).item(),
                     "epoch": data.train.epoch,
                     **({"skipped_steps": skipped_steps} if skip_nonfinite else {}),
+                    **({"bad_samples": data.train.bad_samples()} if cfg.data.skip_bad_samples else {}),
                     **speed,
                     **memory,
                     "step_time": elapsed / steps_in_interval,

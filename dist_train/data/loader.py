@@ -3,23 +3,107 @@ training micro-batches, and the pipeline the trainer gets (build_pipeline)."""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from dist_train.config import DataConfig
-from dist_train.data.datasets import DOWNLOADABLE, DataError, Datasets, DataSpec, build_datasets
+from dist_train.data.datasets import DOWNLOADABLE, DataError, Datasets, DataSpec, build_datasets, one_line
 from dist_train.data.sampler import ChunkSampler, EvalShard, ResumableDistributedSampler, SampleKeys
-from dist_train.distributed import DistEnv, all_gather_objects
+from dist_train.distributed import DistEnv, all_gather_objects, all_reduce_sum
 
 # Micro-batches an in-memory dataset gathers and augments at once. Each NumPy or torch call
 # made between two training steps pays for caches the step has evicted (a 1 us NumPy call
 # takes 17 us after the digits CNN's step); one call per 16 micro-batches pays it once.
 IN_MEMORY_CHUNK = 16
+
+
+# data.skip_bad_samples: a sample that fails to load is replaced by up to this many others in
+# turn; when all of them fail too, most of the data is unreadable and the run stops.
+MAX_REPLACEMENTS = 10
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """What the loader yields in place of a batch with a sample that could not be loaded (and
+    was not replaced): the one line to report. A DataLoader worker returns it rather than
+    raising, because DataLoader re-raises a worker's exception with the worker's traceback in
+    its message; the main process raises it (TrainBatches, EvalBatches) as a DataError."""
+
+    message: str
+
+
+@dataclass
+class Fetched:
+    """Samples loaded one by one for a batch, and how many of them replace unreadable ones."""
+
+    samples: list
+    replaced: int
+
+
+class _Unreadable(Exception):
+    """A sample (and its replacements) could not be loaded; caught in the same process."""
+
+
+def sample_file(dataset: Dataset, index: int) -> str | None:
+    """The file sample `index` is read from, where the dataset lists its files the way
+    torchvision's ImageFolder does (`samples`: (path, class) pairs), also through Subsets."""
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    samples = getattr(dataset, "samples", None)
+    if not isinstance(samples, (list, tuple)) or not 0 <= index < len(samples):
+        return None
+    entry = samples[index]
+    path = entry[0] if isinstance(entry, (tuple, list)) and entry else entry
+    return str(path) if isinstance(path, (str, os.PathLike)) else None
+
+
+def replacement(key: int, attempt: int, n: int) -> int:
+    """The dataset index that stands in for an unreadable sample: a hash of the sample's key
+    (seed, epoch and index for training; the index for validation) and the attempt, so every
+    run, worker count and resume point picks the same one."""
+    x = (key + (attempt + 1) * 0x9E3779B97F4A7C15) % 2**64  # splitmix64
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB % 2**64
+    return (x ^ (x >> 31)) % n
+
+
+_reported: set[tuple[str, int]] = set()  # (role, index) already warned about in this process
+
+
+def load_or_replace(
+    load: Callable[[int], Any], index: int, key: int, base: Dataset, role: str, skip: bool
+) -> tuple[Any, bool]:
+    """`load(index)`, and whether it had to be replaced. A sample that raises (corrupt file,
+    decode error) is one line naming its index and file, or with `skip` the first readable
+    of its replacements (see `replacement`)."""
+    try:
+        return load(index), False
+    except Exception as exc:  # noqa: BLE001 - whatever user code or a decoder raises
+        what = f"{role} sample {index}"
+        path = sample_file(base, index)
+        what += f" ({path})" if path else ""
+        what += f" could not be loaded: {type(exc).__name__}: {one_line(exc)}"
+    if not skip:
+        raise _Unreadable(f"{what}; data.skip_bad_samples=true replaces unreadable samples")
+    for attempt in range(MAX_REPLACEMENTS):
+        other = replacement(key, attempt, len(base))
+        try:
+            sample = load(other)
+        except Exception:  # noqa: BLE001 - another unreadable one: try the next
+            continue
+        if (role, index) not in _reported:  # once per process, not once per epoch
+            _reported.add((role, index))
+            print(f"warning: {what}; replaced by sample {other} (data.skip_bad_samples)", file=sys.stderr, flush=True)
+        return sample, True
+    raise _Unreadable(f"{what}, and so could its {MAX_REPLACEMENTS} replacements: is most of the data unreadable?")
 
 
 class SeededAugment(Dataset):
@@ -32,8 +116,9 @@ class SeededAugment(Dataset):
     generator seeded from the sample's key.
     """
 
-    def __init__(self, base: Dataset, transform: Callable | None, seed: int) -> None:
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base: Dataset, transform: Callable | None, seed: int, skip_bad_samples: bool = False) -> None:
+        self.base, self.transform, self.seed, self.skip_bad_samples = base, transform, seed, skip_bad_samples
+        # Indexing tensors cannot meet an unreadable sample: in-memory chunks never replace one.
         self.in_memory = isinstance(base, TensorDataset) and (transform is None or hasattr(transform, "keyed"))
 
     def __len__(self) -> int:
@@ -47,16 +132,21 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any]:
         epoch, index = key
+        return self._sample(epoch, index, index)
+
+    def _sample(self, epoch: int, index: int, key_index: int) -> tuple[Any, Any]:
+        """Sample `index`, augmented with the key of position `key_index` (the same index, or
+        the unreadable sample it replaces: a replacement is not a copy of its own augmentation)."""
         x, y = self.base[index]
         if self.transform is None:
             return x, y
         if hasattr(self.transform, "keyed"):
-            return self.transform.keyed(x.unsqueeze(0), self.keys(epoch, np.array([index])))[0], y
+            return self.transform.keyed(x.unsqueeze(0), self.keys(epoch, np.array([key_index])))[0], y
         # torchvision transforms draw from the global CPU generator: seed it for this sample and
         # put the caller's state back (torch.random.fork_rng costs 100x more per sample).
         generator = torch.default_generator
         saved = generator.get_state()
-        generator.manual_seed(int(self.keys(epoch, np.array([index]))[0]))
+        generator.manual_seed(int(self.keys(epoch, np.array([key_index]))[0]))
         try:
             return self.transform(x), y
         finally:
@@ -64,25 +154,45 @@ class SeededAugment(Dataset):
 
     def __getitems__(self, samples: SampleKeys) -> Any:
         if not self.in_memory:
-            return [self[(samples.epoch, index)] for index in samples.indices.tolist()]
+            epoch, loaded = samples.epoch, []
+            keys = self.keys(epoch, samples.indices).tolist()
+            try:
+                for index, key in zip(samples.indices.tolist(), keys, strict=True):
+                    load = functools.partial(self._sample, epoch, key_index=index)
+                    loaded.append(load_or_replace(load, index, key, self.base, "training", self.skip_bad_samples))
+            except _Unreadable as exc:
+                return LoadFailure(str(exc))
+            return Fetched([sample for sample, _ in loaded], sum(replaced for _, replaced in loaded))
         rows = torch.from_numpy(samples.indices)
         images, labels = (tensor[rows] for tensor in self.base.tensors)
         if self.transform is not None:
             images = self.transform.keyed(images, self.keys(samples.epoch, samples.indices))
-        return Collated((images, labels))
+        return Collated((images, labels, 0))
 
 
 class Collated(tuple):
     """A batch that is already stacked: `collate` passes it through."""
 
 
-def collate(samples: Any) -> Any:
-    return samples if isinstance(samples, Collated) else default_collate(samples)
+def collate(fetched: Any) -> Any:
+    """Training batches: (inputs, targets, samples replaced), or a LoadFailure."""
+    if isinstance(fetched, (Collated, LoadFailure)):
+        return fetched
+    inputs, targets = default_collate(fetched.samples)
+    return Collated((inputs, targets, fetched.replaced))
+
+
+def collate_eval(fetched: Fetched | LoadFailure) -> Any:
+    """Validation batches: (inputs, targets), or a LoadFailure."""
+    return fetched if isinstance(fetched, LoadFailure) else default_collate(fetched.samples)
 
 
 class Transformed(Dataset):
-    def __init__(self, base: Dataset, transform: Callable | None) -> None:
-        self.base, self.transform = base, transform
+    """The validation set as the loader reads it: the evaluation transform applied, and
+    unreadable samples reported in one line or replaced (always by the same ones)."""
+
+    def __init__(self, base: Dataset, transform: Callable | None, skip_bad_samples: bool = False) -> None:
+        self.base, self.transform, self.skip_bad_samples = base, transform, skip_bad_samples
 
     def __len__(self) -> int:
         return len(self.base)
@@ -90,6 +200,31 @@ class Transformed(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         x, y = self.base[index]
         return (self.transform(x) if self.transform else x), y
+
+    def __getitems__(self, indices: list[int]) -> Fetched | LoadFailure:
+        try:
+            loaded = [
+                load_or_replace(self.__getitem__, i, i, self.base, "validation", self.skip_bad_samples) for i in indices
+            ]
+        except _Unreadable as exc:
+            return LoadFailure(str(exc))
+        return Fetched([sample for sample, _ in loaded], sum(replaced for _, replaced in loaded))
+
+
+class EvalBatches:
+    """The validation loader (`len` and iteration), raising a LoadFailure as one line."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if isinstance(batch, LoadFailure):
+                raise DataError(batch.message)
+            yield batch
 
 
 class TrainBatches:
@@ -99,22 +234,43 @@ class TrainBatches:
     here into views, so the position still moves one micro-batch at a time.
     """
 
-    def __init__(self, loader: DataLoader, sampler: ResumableDistributedSampler, batch_size: int) -> None:
+    def __init__(
+        self,
+        loader: DataLoader,
+        sampler: ResumableDistributedSampler,
+        batch_size: int,
+        skip_bad_samples: bool = False,
+    ) -> None:
         self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
         self.epoch, self.consumed = 0, 0
         self._iterator: Iterator | None = None
         self._ready: list = []  # micro-batches of the current chunk, last one first
         self._samples_per_micro_batch = batch_size * sampler.num_replicas
+        # Unreadable samples replaced (data.skip_bad_samples): all ranks' total at the
+        # checkpoint resumed from, and this rank's own since. Counted as batches are taken
+        # (not as workers load them ahead), so the count matches the data position exactly.
+        self.skip_bad_samples = skip_bad_samples
+        self._bad_before, self._bad_here = 0, 0
 
     @property
     def steps_per_epoch(self) -> int:
         return self.sampler.samples_per_epoch // self.sampler.global_batch
 
+    def bad_samples(self) -> int:
+        """Unreadable samples replaced so far, all ranks together. One all-reduce when
+        data.skip_bad_samples is on, so every rank calls it at the same step (logging, save)."""
+        if not self.skip_bad_samples:
+            return self._bad_before  # nothing is replaced: an unreadable sample stops the run
+        return self._bad_before + int(all_reduce_sum(torch.tensor(self._bad_here)).item())
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "samples_consumed": self.consumed}
+        """The data position. Collective with data.skip_bad_samples (see bad_samples): the
+        count is stored as the all-ranks total, which any world size can resume."""
+        return {"epoch": self.epoch, "samples_consumed": self.consumed, "bad_samples": self.bad_samples()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["samples_consumed"])
+        self._bad_before, self._bad_here = int(state.get("bad_samples", 0)), 0  # absent before it was counted
         self._iterator, self._ready = None, []
 
     def next_micro_batch(self) -> Any:
@@ -124,7 +280,13 @@ class TrainBatches:
                 self.sampler.set_start(self.consumed)
                 self._iterator = iter(self.loader)
             chunk = next(self._iterator)
-            self._ready = list(zip(*(part.split(self.batch_size) for part in chunk), strict=True))[::-1]
+            if isinstance(chunk, LoadFailure):
+                raise DataError(chunk.message)
+            *parts, replaced = chunk
+            # Only chunks of one micro-batch (samples loaded one by one) can hold replacements,
+            # so counting the chunk here counts exactly the micro-batch taken.
+            self._bad_here += replaced
+            self._ready = list(zip(*(part.split(self.batch_size) for part in parts), strict=True))[::-1]
         batch = self._ready.pop()
         self.consumed += self._samples_per_micro_batch
         if self.consumed >= self.sampler.samples_per_epoch:
@@ -135,7 +297,7 @@ class TrainBatches:
 @dataclass
 class DataPipeline:
     train: TrainBatches
-    val_loader: DataLoader
+    val_loader: EvalBatches
     spec: DataSpec
     global_batch: int
     baseline_val_loss: float | None
@@ -213,20 +375,24 @@ def build_pipeline(
         # shift dropout and init randomness whenever an iterator is (re)created.
         generator=torch.Generator().manual_seed(seed),
     )
-    train_set = SeededAugment(datasets.train, datasets.train_transform, seed)
+    train_set = SeededAugment(datasets.train, datasets.train_transform, seed, cfg.skip_bad_samples)
     train_loader = DataLoader(
         train_set,
         batch_sampler=ChunkSampler(sampler, cfg.batch_size, IN_MEMORY_CHUNK if train_set.in_memory else 1),
         collate_fn=collate,
         **loader_kwargs,
     )
-    val = Transformed(datasets.val, datasets.eval_transform)
+    val = Transformed(datasets.val, datasets.eval_transform, cfg.skip_bad_samples)
     val_loader = DataLoader(
-        val, batch_size=cfg.eval_batch_size, sampler=EvalShard(len(val), env.world_size, env.rank), **loader_kwargs
+        val,
+        batch_size=cfg.eval_batch_size,
+        sampler=EvalShard(len(val), env.world_size, env.rank),
+        collate_fn=collate_eval,
+        **loader_kwargs,
     )
     return DataPipeline(
-        TrainBatches(train_loader, sampler, cfg.batch_size),
-        val_loader,
+        TrainBatches(train_loader, sampler, cfg.batch_size, cfg.skip_bad_samples),
+        EvalBatches(val_loader),
         datasets.spec,
         global_batch,
         datasets.baseline_val_loss,
