@@ -366,6 +366,13 @@ def build_pipeline(
             f"{global_batch} (world {env.world_size} x data.batch_size {cfg.batch_size} x "
             f"train.grad_accum_steps {grad_accum_steps})"
         )
+    n_val = len(datasets.val)
+    if n_val < env.world_size:
+        # A rank with no validation batch would have nothing to evaluate while the others wait.
+        raise DataError(
+            f"data.dataset={cfg.dataset} has {n_val} validation samples, fewer than the {env.world_size} "
+            "processes: every rank evaluates at least one (use fewer processes or more validation samples)"
+        )
     sampler = ResumableDistributedSampler(n_train, env.world_size, env.rank, seed, global_batch)
     loader_kwargs: dict[str, Any] = dict(
         num_workers=cfg.num_workers,
