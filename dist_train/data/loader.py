@@ -79,11 +79,11 @@ _reported: set[tuple[str, int]] = set()  # (role, index) already warned about in
 
 
 def load_or_replace(
-    load: Callable[[int], Any], index: int, key: int, base: Dataset, role: str, skip: bool
+    load: Callable[[int], Any], index: int, key: Callable[[], int], base: Dataset, role: str, skip: bool
 ) -> tuple[Any, bool]:
     """`load(index)`, and whether it had to be replaced. A sample that raises (corrupt file,
     decode error) is one line naming its index and file, or with `skip` the first readable
-    of its replacements (see `replacement`)."""
+    of its replacements (see `replacement`; `key()` gives the sample's key, computed only then)."""
     try:
         return load(index), False
     except Exception as exc:  # noqa: BLE001 - whatever user code or a decoder raises
@@ -94,7 +94,7 @@ def load_or_replace(
     if not skip:
         raise _Unreadable(f"{what}; data.skip_bad_samples=true replaces unreadable samples")
     for attempt in range(MAX_REPLACEMENTS):
-        other = replacement(key, attempt, len(base))
+        other = replacement(key(), attempt, len(base))
         try:
             sample = load(other)
         except Exception:  # noqa: BLE001 - another unreadable one: try the next
@@ -130,6 +130,9 @@ class SeededAugment(Dataset):
         first = (self.seed * 1_000_003 + epoch) * 10_000_019 % 2**63
         return (np.uint64(first) + indices.astype(np.uint64)) % np.uint64(2**63)
 
+    def _key(self, epoch: int, index: int) -> int:
+        return int(self.keys(epoch, np.array([index]))[0])
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, Any]:
         epoch, index = key
         return self._sample(epoch, index, index)
@@ -155,10 +158,10 @@ class SeededAugment(Dataset):
     def __getitems__(self, samples: SampleKeys) -> Any:
         if not self.in_memory:
             epoch, loaded = samples.epoch, []
-            keys = self.keys(epoch, samples.indices).tolist()
             try:
-                for index, key in zip(samples.indices.tolist(), keys, strict=True):
+                for index in samples.indices.tolist():
                     load = functools.partial(self._sample, epoch, key_index=index)
+                    key = functools.partial(self._key, epoch, index)
                     loaded.append(load_or_replace(load, index, key, self.base, "training", self.skip_bad_samples))
             except _Unreadable as exc:
                 return LoadFailure(str(exc))
@@ -204,7 +207,8 @@ class Transformed(Dataset):
     def __getitems__(self, indices: list[int]) -> Fetched | LoadFailure:
         try:
             loaded = [
-                load_or_replace(self.__getitem__, i, i, self.base, "validation", self.skip_bad_samples) for i in indices
+                load_or_replace(self.__getitem__, i, lambda i=i: i, self.base, "validation", self.skip_bad_samples)
+                for i in indices
             ]
         except _Unreadable as exc:
             return LoadFailure(str(exc))
