@@ -96,7 +96,7 @@ def test_train_batches_state_resumes_the_stream():
     for _ in range(10):
         pipe.train.next_micro_batch()
     state = pipe.train.state_dict()
-    assert state == {"epoch": 0, "samples_consumed": 160, "bad_samples": 0}
+    assert state == {"epoch": 0, "samples_consumed": 160}
     expected = [pipe.train.next_micro_batch() for _ in range(6)]
 
     fresh = build_pipeline(cfg, _cpu_env(), grad_accum_steps=2, seed=5)
@@ -110,7 +110,7 @@ def test_epoch_rolls_over_after_whole_global_batches():
     pipe = build_pipeline(cfg, _cpu_env(), grad_accum_steps=1, seed=0)
     for _ in range(pipe.train.steps_per_epoch):
         pipe.train.next_micro_batch()
-    assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 0, "bad_samples": 0}
+    assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 0}
 
 
 def test_dataset_smaller_than_one_global_batch_is_an_error():
@@ -279,7 +279,7 @@ def test_chunked_in_memory_loading_yields_the_per_sample_micro_batches_across_re
         batch = [augment[key] for key in keys[n * 16 : (n + 1) * 16]]
         assert torch.equal(images, torch.stack([x for x, _ in batch]))
         assert torch.equal(labels, torch.stack([y for _, y in batch]))
-    assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 20 * 32, "bad_samples": 0}
+    assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 20 * 32}
 
 
 def test_the_digits_shift_is_unchanged_by_the_uint8_and_flip_work():

@@ -268,9 +268,13 @@ class TrainBatches:
         return self._bad_before + int(all_reduce_sum(torch.tensor(self._bad_here)).item())
 
     def state_dict(self) -> dict[str, int]:
-        """The data position. Collective with data.skip_bad_samples (see bad_samples): the
-        count is stored as the all-ranks total, which any world size can resume."""
-        return {"epoch": self.epoch, "samples_consumed": self.consumed, "bad_samples": self.bad_samples()}
+        """The data position, and with data.skip_bad_samples (or a count resumed from a run that
+        had it) the bad-sample count as the all-ranks total, which any world size can resume.
+        Collective when data.skip_bad_samples is on (see bad_samples)."""
+        state = {"epoch": self.epoch, "samples_consumed": self.consumed}
+        if self.skip_bad_samples or self._bad_before:
+            state["bad_samples"] = self.bad_samples()
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["samples_consumed"])
