@@ -473,8 +473,8 @@ def _put_cwd_on_path() -> None:
 
     `python -m dist_train.cli` and torchrun's `-m` workers start with the current directory on
     sys.path; the `dist-train` console script starts with its own bin/ folder instead, so
-    `examples.my_dataset:shapes` would import under one and not the other. Put first, as
-    `python -m` puts it, a module next to the config wins over an installed one of that name.
+    `examples.my_dataset:shapes` would import under one and not the other. First, as `python
+    -m` puts it: a module in the current directory wins over an installed one of that name.
     """
     cwd = os.getcwd()
     if not any(entry == "" or os.path.abspath(entry) == cwd for entry in sys.path):
