@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 
@@ -149,7 +150,7 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
         print(f"launch: stopped by {exc.sigval.name}; the workers were shut down", file=sys.stderr)
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())
+        rank, failure = root_cause(exc.failures)
         if failure.exitcode < 0:  # killed by a signal; SIGABRT is the NCCL watchdog's
             name = failure.signal_name()
             report = worker_env.killed_by_signal_report(rank, name, {**os.environ, **added_env})
@@ -158,6 +159,19 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
         print(f"error: worker rank {rank} exited with code {failure.exitcode}; its message is above", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return PREEMPTED_EXIT_CODE if _report_early_stop(cfg) else 0
+
+
+def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The failure to report: when one worker fails, torchrun SIGTERMs the rest, and a rank it
+    killed may be listed first. A worker that exited by itself comes first, then one killed by
+    anything but SIGTERM (SIGABRT from the NCCL watchdog, SIGKILL from the OOM killer), then
+    the lowest rank."""
+
+    def order(item: tuple[int, Any]) -> tuple[int, int]:
+        rank, failure = item
+        return (0 if failure.exitcode > 0 else 1 if failure.exitcode != -signal.SIGTERM else 2), rank
+
+    return min(failures.items(), key=order)
 
 
 @contextlib.contextmanager

@@ -391,3 +391,15 @@ def test_the_launcher_never_imports_training_code():
     probe = "import sys, dist_train.cli, dist_train.launcher; print('dist_train.trainer' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, cwd=REPO)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_the_worker_that_failed_by_itself_is_reported_not_one_torchrun_terminated():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank: int, exitcode: int) -> ProcessFailure:
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file="/nonexistent")
+
+    terminated, failed, aborted = failure(0, -signal.SIGTERM), failure(1, 2), failure(2, -signal.SIGABRT)
+    assert launcher.root_cause({0: terminated, 1: failed, 2: aborted}) == (1, failed)
+    assert launcher.root_cause({0: terminated, 2: aborted}) == (2, aborted)
+    assert launcher.root_cause({3: terminated, 0: terminated}) == (0, terminated)
