@@ -52,8 +52,12 @@ def user_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]
 def longest_match(name: str, prefixes: Iterable[str]) -> str | None:
     """The longest prefix that names `name` or a module above it. Prefixes end at a dot, so
     `layer1` covers layer1.0.conv1.weight but not layer10.weight (nor blocks.1 blocks.10)."""
-    found = [p for p in prefixes if name == p.rstrip(".") or name.startswith(p.rstrip(".") + ".")]
-    return max(found, key=len, default=None)
+    return max((p for p in prefixes if _covers(p, name)), key=len, default=None)
+
+
+def _covers(prefix: str, name: str) -> bool:
+    stem = prefix.rstrip(".")  # `layer1.` means layer1 too
+    return name == stem or name.startswith(stem + ".")
 
 
 def _unmatched(prefix: str, key: str, model: nn.Module) -> ConfigError:
@@ -67,9 +71,12 @@ def _unmatched(prefix: str, key: str, model: nn.Module) -> ConfigError:
 def unmatched_prefix_error(prefix: str, key: str, model: nn.Module) -> ConfigError:
     """The one-line error for a prefix in `key` that selects nothing trainable: names what the
     model's parameters are called, or says that model.freeze froze what it matched."""
-    frozen = [n for n, p in user_named_parameters(model) if not p.requires_grad and longest_match(n, [prefix])]
+    frozen = [n for n, p in user_named_parameters(model) if not p.requires_grad and _covers(prefix, n)]
     if frozen:
-        return ConfigError(f"{key}: {prefix!r} matches only frozen parameters ({frozen[0]}, ...: model.freeze)")
+        return ConfigError(
+            f"{key}: {prefix!r} matches only frozen parameters (model.freeze, or requires_grad=False in the "
+            f"model), e.g. {frozen[0]}"
+        )
     return _unmatched(prefix, key, model)
 
 
@@ -125,7 +132,7 @@ def freeze(model: nn.Module, prefixes: list[str]) -> str:
     """requires_grad=False on every parameter a prefix names; returns the line to log."""
     named = list(user_named_parameters(model))
     for prefix in prefixes:
-        if not any(longest_match(name, [prefix]) for name, _ in named):
+        if not any(_covers(prefix, name) for name, _ in named):
             raise _unmatched(prefix, "model.freeze", model)
     frozen = [param for name, param in named if longest_match(name, prefixes) is not None]
     if len(frozen) == len(named):

@@ -100,9 +100,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_pretrained_features_transfer_to_new_classes(tmp_path, pretrained, capsys):
-    """Digits 6-9 from 10 examples each, 20 steps at lr 0.01, three seeds. Measured
-    (2-core CPU, torch 2.14.1): from the 0-5 export val_acc 0.724 / 0.780 / 0.772, from
-    scratch 0.338 / 0.252 / 0.447 (0.25 is chance)."""
+    """Digits 6-9 from 10 examples each, 20 steps at lr 0.01, three seeds, validated on the other
+    674 images of 6-9. Measured (2-core x86-64 CPU, torch 2.14.1, 2026-12-02): starting from
+    the export of a 0-5 run, val_acc 0.684 / 0.714 / 0.720; from scratch 0.338 / 0.252 / 0.447
+    (chance is 0.25)."""
     _, exported = pretrained
     train, val = _digits(range(6, 10), per_class=10)
     accuracy: dict[str, list[float]] = {"init": [], "scratch": []}
@@ -120,7 +121,8 @@ def test_pretrained_features_transfer_to_new_classes(tmp_path, pretrained, capsy
         "classifier.5.weight 6x84 -> 4x84, classifier.5.bias 6 -> 4"
     )
     for init, scratch in zip(accuracy["init"], accuracy["scratch"], strict=True):
-        assert init > 0.65 and init > scratch + 0.2, accuracy
+        assert init > 0.6 and init > scratch + 0.2, accuracy
+    assert sum(accuracy["init"]) > sum(accuracy["scratch"]) + 3 * 0.25, accuracy
 
 
 def test_init_from_a_run_directory_or_a_checkpoint_takes_its_newest_weights(pretrained):
@@ -240,7 +242,7 @@ def test_lr_multipliers_give_each_prefix_its_own_groups(capsys):
             assert max(lrs) < 1.0 and scheduler.get_last_lr()[2] == pytest.approx(10 * scheduler.get_last_lr()[0])
 
     for multipliers, message in (
-        ({"stem.0": 2.0}, "optim.lr_multipliers.stem.0: 'stem.0' matches only frozen parameters (stem.0.weight"),
+        ({"stem.0": 2.0}, "optim.lr_multipliers.stem.0: 'stem.0' matches only frozen parameters (model.freeze, or "),
         ({"layer": 2.0}, "optim.lr_multipliers.layer: 'layer' matches no parameter of the model (prefixes are "),
     ):
         with pytest.raises(ConfigError) as caught:
