@@ -266,8 +266,17 @@ def test_names_are_the_users_through_ddp_and_torch_compile(tmp_path):
     assert _group_names(compiled, build_optimizer(cfg, compiled))[2] == expected
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        wrapped = nn.parallel.DistributedDataParallel(_resnet_like())
-        assert _group_names(wrapped, build_optimizer(cfg, wrapped))[2] == expected
+        model = _resnet_like()
+        prepare_model(model, ModelConfig(freeze=["stem"]), resuming=False)  # before wrapping, as the trainer does
+        stem = {k: v.detach().clone() for k, v in model.stem.named_parameters()}
+        head = model.head[1].weight.detach().clone()
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        optimizer = build_optimizer(cfg, wrapped)
+        assert _group_names(wrapped, optimizer)[2] == expected
+        wrapped(torch.randn(4, 1, 5, 5)).square().mean().backward()  # DDP's reducer skips frozen ones
+        optimizer.step()
+        assert all(torch.equal(v, stem[k]) for k, v in model.stem.named_parameters())
+        assert not torch.equal(model.head[1].weight, head)
     finally:
         dist.destroy_process_group()
 
