@@ -429,14 +429,19 @@ def test_the_resnet50_config_reads_torchvision_weights_from_the_cache_only(tmp_p
     assert not torch.equal(final["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
 
 
-def test_freeze_under_fsdp_on_two_ranks_equals_one_process(tmp_path, monkeypatch):
-    """FSDP2 shards a model with frozen parameters (2 gloo ranks under torchrun). The model of
-    tests/api_script.py is seeded per rank: its frozen first layer must end as rank 0's initial
-    weights, and the rest as one process with the same global batch trains it."""
+def test_init_from_and_freeze_under_fsdp_on_two_ranks_equal_one_process(tmp_path, monkeypatch):
+    """FSDP2 shards a model with frozen parameters (2 gloo ranks under torchrun). tests/api_script.py
+    seeds its model per rank; it starts from a file whose head has 5 outputs, not 3: the frozen
+    first layer must end as the file's, the head train from rank 0's initialisation as one
+    process with the same global batch trains it."""
     import api_script
+    from safetensors.torch import save_file
 
+    torch.manual_seed(7)
+    pretrained = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 5)).state_dict()
+    save_file(pretrained, str(tmp_path / "start.safetensors"))
     common = ["regression", f"run.output_dir={tmp_path / 'runs'}", "model.freeze=[0]", "optim.lr_multipliers.2=3"]
-    common.append("train.max_steps=6")
+    common += ["train.max_steps=6", f"model.init_from={tmp_path / 'start.safetensors'}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     script = ["tests/api_script.py", str(tmp_path / "two.json")]
     two = subprocess.run(
@@ -458,7 +463,7 @@ def test_freeze_under_fsdp_on_two_ranks_equals_one_process(tmp_path, monkeypatch
     torch.manual_seed(1000)  # rank 0's model in the script
     initial = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).state_dict()
     for name in ("0.weight", "0.bias"):
-        assert torch.equal(runs["two"][name], initial[name]) and torch.equal(runs["one"][name], initial[name])
+        assert torch.equal(runs["two"][name], pretrained[name]) and torch.equal(runs["one"][name], pretrained[name])
     for name in ("2.weight", "2.bias"):
         assert not torch.equal(runs["two"][name], initial[name])
         torch.testing.assert_close(runs["two"][name], runs["one"][name], rtol=1e-4, atol=1e-5)
