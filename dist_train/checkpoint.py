@@ -262,7 +262,8 @@ def load_rng_state(path: Path, rank: int) -> dict[str, Any]:
 
 # What must not change between the run that wrote a checkpoint and the run resuming it.
 # parallel.strategy may change: model and optimizer state are stored by parameter name.
-RESUME_INVARIANTS = ("data.dataset", "model.name", "optim.name", "train.loss")
+# model.freeze and optim.lr_multipliers fix the optimizer's parameter groups.
+RESUME_INVARIANTS = ("data.dataset", "model.name", "optim.name", "train.loss", "model.freeze", "optim.lr_multipliers")
 
 
 def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> Config:

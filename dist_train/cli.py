@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--rdzv-id", default=None, help="the same on every node of one job (SLURM: the job id)")
     launch.add_argument("--max-restarts", type=int, default=0, help="restarts of the worker group after a failure")
     export = sub.add_parser("export", help="write a checkpoint's full weights to a safetensors file")
-    export.add_argument("run_dir", help="the run directory, e.g. runs/digits")
+    export.add_argument("run_dir", help="a run directory, e.g. runs/digits, or one of its checkpoint directories")
     export.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid)")
     export.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])

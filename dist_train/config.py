@@ -94,7 +94,7 @@ class ModelConfig:
     init_from: str | None = None
     # Parameter-name prefixes to freeze (requires_grad=False before wrapping), e.g. [conv1, layer1].
     freeze: list[str] = field(default_factory=list)
-    # Keep BatchNorm running statistics of frozen modules fixed (eval mode) while training.
+    # Every BatchNorm layer stays in eval mode while training: running statistics fixed.
     freeze_batchnorm: bool = False
 
 

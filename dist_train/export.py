@@ -19,16 +19,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def export(run_dir: Path, out: Path, step: int | None = None, dtype: str = "fp32") -> Path:
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    root = run_dir / "checkpoints"
-    if step is None:
-        source = checkpoint.latest_valid(root)
-        if source is None:
-            raise UserError(f"{run_dir} has no valid checkpoint to export")
-    else:
-        source = checkpoint.step_dir(root, step)
-        if not source.is_dir():
-            raise UserError(f"{run_dir} has no checkpoint for step {step}")
-        checkpoint.verify(source)
+    source = weights_checkpoint(run_dir, step)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a directory")
     state = checkpoint.read_full_state(source, "model")
@@ -45,4 +36,24 @@ def export(run_dir: Path, out: Path, step: int | None = None, dtype: str = "fp32
     partial = out.with_name(out.name + ".partial")
     save_file(tensors, str(partial), metadata={"source": str(source), "step": str(source.name), "dtype": dtype})
     partial.replace(out)  # never leave a half-written file under the requested name
+    return source
+
+
+def weights_checkpoint(path: Path, step: int | None = None) -> Path:
+    """The verified checkpoint whose weights `path` stands for: a run directory's newest valid
+    one (or its checkpoint of `step`), or `path` itself when it is a checkpoint directory.
+    Export and model.init_from read their weights from it with checkpoint.read_full_state."""
+    if step is None and (path / checkpoint.MANIFEST).is_file():
+        checkpoint.verify(path)
+        return path
+    root = path / "checkpoints"
+    if step is None:
+        source = checkpoint.latest_valid(root)
+        if source is None:
+            raise UserError(f"{path} has no valid checkpoint (neither a run directory with one nor a checkpoint)")
+        return source
+    source = checkpoint.step_dir(root, step)
+    if not source.is_dir():
+        raise UserError(f"{path} has no checkpoint for step {step}")
+    checkpoint.verify(source)
     return source

@@ -9,15 +9,35 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from dist_train.config import ConfigError, OptimConfig, ScheduleConfig, resolve_auto
+from dist_train.finetune import longest_match, unmatched_prefix_error, user_named_parameters
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and kernels; never biases or normalization weights (all 1-D parameters)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_multipliers: dict[str, float] | None = None, lr: float | None = None
+) -> list[dict]:
+    """Decay matrices and kernels; never biases or normalization weights (all 1-D parameters).
+
+    Two groups (decay, no decay) at the optimizer's lr, then two per optim.lr_multipliers
+    prefix (sorted) at lr x factor, each trainable parameter in the group of its longest
+    matching prefix (`lr` is then required). Every group exists even when empty: the set depends on the config alone,
+    never on the step, so a resumed optimizer always finds the groups it saved.
+    """
+    multipliers = lr_multipliers or {}
+    prefixes = sorted(multipliers)
+    members: dict[str | None, tuple[list, list]] = {prefix: ([], []) for prefix in [None, *prefixes]}
+    for name, param in user_named_parameters(model):
+        if param.requires_grad:
+            decay, no_decay = members[longest_match(name, prefixes)]
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    for prefix in prefixes:
+        if not any(members[prefix]):
+            raise unmatched_prefix_error(prefix, f"optim.lr_multipliers.{prefix}", model)
+    groups = []
+    for prefix, (decay, no_decay) in members.items():
+        own_lr = {} if prefix is None else {"lr": lr * multipliers[prefix]}
+        groups += [{"params": decay, "weight_decay": weight_decay, **own_lr}]
+        groups += [{"params": no_decay, "weight_decay": 0.0, **own_lr}]
+    return groups
 
 
 def use_fused(setting: bool | str, device: torch.device, cpu_offload: bool) -> bool:
@@ -28,7 +48,7 @@ def use_fused(setting: bool | str, device: torch.device, cpu_offload: bool) -> b
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr_multipliers, cfg.lr)
     kernels = {"fused": fused or None}  # None: torch's default (foreach where it can)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from dist_train import checkpoint
+from dist_train import checkpoint, finetune
 from dist_train.config import Config, UserError, check_device, dump_yaml, resolve_auto, to_dict
 from dist_train.data import DataPipeline, Datasets, build_pipeline, total_steps
 from dist_train.distributed import (
@@ -93,7 +93,7 @@ class Run:
     stop: StopRequest
 
     def train_mode(self) -> None:
-        self.model.train()
+        finetune.train_mode(self.model, self.cfg.model)
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:
@@ -140,6 +140,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     else:  # built by the user's script on each rank, maybe from different random states
         model = parts.model.to(env.device)
         broadcast_module(model)
+    finetune_lines = finetune.prepare_model(model, cfg.model, resuming=state is not None)
     task = build_task(cfg.train, parts.loss)
     channels_last = use_channels_last(
         cfg.train.channels_last, env.device, data.spec.input_shape, sharded=strategy.name == "fsdp"
@@ -187,6 +188,8 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
             if world_change:
                 logger.message(world_change)
+        for line in finetune_lines:
+            logger.message(line)
         settings = [strategy.name, cfg.train.precision]
         settings += ["channels_last"] if channels_last else []
         settings += ["fused optimizer"] if fused else []
