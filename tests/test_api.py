@@ -122,6 +122,9 @@ def test_bad_objects_are_one_line_errors(tmp_path):
         def __iter__(self):
             yield from data
 
+    small = TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(UserError, match="the dataset given to dist_train.fit has 8 training samples, fewer than"):
+        dist_train.fit(_digits_config(tmp_path), train_data=small, val_data=small)
     with pytest.raises(UserError, match="map-style") as caught:
         dist_train.fit(_digits_config(tmp_path), train_data=Stream(), val_data=data)
     assert "\n" not in str(caught.value)

@@ -365,12 +365,13 @@ def build_pipeline(
     cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int, datasets: Datasets | None = None
 ) -> DataPipeline:
     """The run's batches from the datasets `cfg` names, or from `datasets` when given."""
+    named = f"data.dataset={cfg.dataset}" if datasets is None else "the dataset given to dist_train.fit"
     datasets = datasets if datasets is not None else load_datasets(cfg, env)
     global_batch = env.world_size * cfg.batch_size * grad_accum_steps
     n_train = len(datasets.train)
     if n_train < global_batch:
         raise DataError(
-            f"data.dataset={cfg.dataset} has {n_train} training samples, fewer than one global batch of "
+            f"{named} has {n_train} training samples, fewer than one global batch of "
             f"{global_batch} (world {env.world_size} x data.batch_size {cfg.batch_size} x "
             f"train.grad_accum_steps {grad_accum_steps})"
         )
@@ -378,7 +379,7 @@ def build_pipeline(
     if n_val < env.world_size:
         # A rank with no validation batch would have nothing to evaluate while the others wait.
         raise DataError(
-            f"data.dataset={cfg.dataset} has {n_val} validation samples, fewer than the {env.world_size} "
+            f"{named} has {n_val} validation samples, fewer than the {env.world_size} "
             "processes: every rank evaluates at least one (use fewer processes or more validation samples)"
         )
     sampler = ResumableDistributedSampler(n_train, env.world_size, env.rank, seed, global_batch)
