@@ -66,7 +66,8 @@ def resolve_nproc(value: str) -> int:
     return n
 
 
-def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions) -> list[str]:
+def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions, verb: str = "train") -> list[str]:
+    """torchrun's command line for `dist-train VERB CONFIG OVERRIDES` on every worker."""
     nproc = resolve_nproc(opts.nproc_per_node)
     if opts.nnodes < 1:
         raise UserError(f"--nnodes must be >= 1, got {opts.nnodes}")
@@ -93,7 +94,7 @@ def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions
             f"--rdzv-endpoint={opts.rdzv_endpoint}",
             f"--rdzv-id={opts.rdzv_id}",
         ]
-    return cmd + ["-m", "dist_train.cli", "train", config_path, *overrides]
+    return cmd + ["-m", "dist_train.cli", verb, config_path, *overrides]
 
 
 def preflight(cfg: Config, world_size: int) -> None:
@@ -119,8 +120,8 @@ def prepare_node(cfg: Config, nnodes: int) -> dict[str, str]:
     return added
 
 
-def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOptions) -> int:
-    cmd = torchrun_command(config_path, overrides, opts)
+def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOptions, verb: str = "train") -> int:
+    cmd = torchrun_command(config_path, overrides, opts, verb)
     nproc = resolve_nproc(opts.nproc_per_node)
     preflight(cfg, nproc * opts.nnodes)
     added_env = prepare_node(cfg, opts.nnodes)

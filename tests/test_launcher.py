@@ -403,3 +403,12 @@ def test_the_worker_that_failed_by_itself_is_reported_not_one_torchrun_terminate
     assert launcher.root_cause({0: terminated, 1: failed, 2: aborted}) == (1, failed)
     assert launcher.root_cause({0: terminated, 2: aborted}) == (2, aborted)
     assert launcher.root_cause({3: terminated, 0: terminated}) == (0, terminated)
+
+
+def test_a_worker_verb_given_nproc_per_node_starts_itself_through_torchrun(no_gpu, fake_torchrun, capsys):
+    from dist_train import cli
+
+    assert cli.main(["train", CONFIG, "--nproc-per-node", "2", *OVERRIDES]) == 0
+    (args,) = fake_torchrun  # the launch flags stay with the launcher, the rest go to each worker
+    assert args.nproc_per_node == "2"
+    assert [args.training_script, *args.training_script_args] == ["dist_train.cli", "train", CONFIG, *OVERRIDES]

@@ -1,0 +1,12 @@
+"""The CLI's verbs, one module each: `add_parser(subparsers)` declares a verb's arguments and
+`run(args) -> exit code` carries it out through the Python API. cli.py only dispatches.
+
+Verbs that do a run's work on every rank (train, and those added beside it) take the launch
+flags too (see launch.add_launch_flags): given `--nproc-per-node`, the verb starts itself on
+that many workers through torchrun, exactly as `dist-train launch` starts `train`.
+"""
+
+from dist_train.commands import export, launch, train
+
+# In the order `dist-train --help` lists them.
+VERBS = {"train": train, "launch": launch, "export": export}
