@@ -9,7 +9,6 @@ stay on the device and are read only every `train.log_every` steps and before a 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -89,17 +88,91 @@ class Run:
     data: DataPipeline
     task: Task
     logger: RunLogger
-    save: Callable[[int], Path]
-    stop: StopRequest
+    save: Callable[[int], Path] | None  # None: a tool that trains without checkpoints (find-lr)
+    stop: StopRequest | None
+    channels_last: bool = False  # inputs go to the device in the layout the model was given
 
     def train_mode(self) -> None:
         finetune.train_mode(self.model, self.cfg.model)
+
+    def autocast(self) -> ContextManager:
+        """Mixed precision around the forward: autocast, or nothing where the strategy casts."""
+        if self.strategy.handles_precision:
+            return contextlib.nullcontext()
+        return autocast(self.cfg.train.precision, self.env.device)
+
+    def inputs_to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Inputs on the device as the model takes them (layout; uint8 images normalized there)."""
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        return self.data.inputs_to_device(inputs, memory_format=layout)
+
+
+def forward_backward(run: Run, amp: ContextManager) -> tuple[torch.Tensor, float]:
+    """One optimizer step's micro-batches through forward and backward, gradients all-reduced
+    on the last. Returns the step's loss (the sum of the micro-batch means, left on the device)
+    and the seconds spent waiting for data."""
+    accum, device, data_wait = run.cfg.train.grad_accum_steps, run.env.device, 0.0
+    micro_losses = []
+    for micro in range(accum):
+        fetch_start = time.perf_counter()
+        inputs, targets = run.data.train.next_micro_batch()
+        data_wait += time.perf_counter() - fetch_start
+        inputs = run.inputs_to_device(inputs)
+        targets = targets.to(device, non_blocking=True)
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        with run.strategy.gradient_sync(run.model, enabled=micro == accum - 1):
+            with amp:
+                loss = run.task.loss(run.model, inputs, targets)
+            # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
+            # the accumulation count makes the summed gradient that of one big batch.
+            run.scaler.scale(loss / accum if accum > 1 else loss).backward()
+        micro_losses.append(loss.detach())
+    return (micro_losses[0] if accum == 1 else torch.stack(micro_losses).sum()), data_wait
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@dataclass
+class Trainable:
+    """The model as the strategy wrapped it and the optimizer over its trainable parameters."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    fused: bool  # the optimizer's kernel choice, kept over a checkpoint's on resume
+    channels_last: bool
+    notes: list[str]  # what fine-tuning did, for the log
+
+
+def build_trainable(
+    cfg: Config,
+    env: DistEnv,
+    strategy: Strategy,
+    data: DataPipeline,
+    user_model: nn.Module | None = None,
+    resuming: bool = False,
+) -> Trainable:
+    """The model from model.name (or the user's object, given rank 0's weights), fine-tuning
+    applied, laid out and wrapped by the strategy; then its optimizer. The same for training,
+    the LR range test and the batch-size search. Call after seeding: the weights draw on it."""
+    if user_model is None:
+        model = build_model(cfg.model, data.spec).to(env.device)
+    else:  # built by the user's script on each rank, maybe from different random states
+        model = user_model.to(env.device)
+        broadcast_module(model)
+    notes = finetune.prepare_model(model, cfg.model, resuming=resuming)
+    channels_last = use_channels_last(
+        cfg.train.channels_last, env.device, data.spec.input_shape, sharded=strategy.name == "fsdp"
+    )
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = strategy.wrap(prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.train.compile))
+    offloaded = strategy.name == "fsdp" and cfg.parallel.cpu_offload
+    fused = use_fused(cfg.optim.fused, env.device, cpu_offload=offloaded)
+    return Trainable(model, build_optimizer(cfg.optim, model, fused), fused, channels_last, notes)
 
 
 def train(cfg: Config, parts: UserParts | None = None) -> TrainResult:
@@ -135,22 +208,10 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
 
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
     data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed, parts.datasets)
-    if parts.model is None:
-        model = build_model(cfg.model, data.spec).to(env.device)
-    else:  # built by the user's script on each rank, maybe from different random states
-        model = parts.model.to(env.device)
-        broadcast_module(model)
-    finetune_lines = finetune.prepare_model(model, cfg.model, resuming=state is not None)
+    trainable = build_trainable(cfg, env, strategy, data, parts.model, resuming=state is not None)
+    model, optimizer = trainable.model, trainable.optimizer
+    fused, channels_last = trainable.fused, trainable.channels_last
     task = build_task(cfg.train, parts.loss)
-    channels_last = use_channels_last(
-        cfg.train.channels_last, env.device, data.spec.input_shape, sharded=strategy.name == "fsdp"
-    )
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = strategy.wrap(prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.train.compile))
-    offloaded = strategy.name == "fsdp" and cfg.parallel.cpu_offload
-    fused = use_fused(cfg.optim.fused, env.device, cpu_offload=offloaded)
-    optimizer = build_optimizer(cfg.optim, model, fused)
     last_step = total_steps(cfg.train.max_steps, cfg.train.max_epochs, data.train.steps_per_epoch)
     scheduler = build_scheduler(cfg.schedule, optimizer, last_step)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
@@ -188,7 +249,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
             if world_change:
                 logger.message(world_change)
-        for line in finetune_lines:
+        for line in trainable.notes:
             logger.message(line)
         settings = [strategy.name, cfg.train.precision]
         settings += ["channels_last"] if channels_last else []
@@ -217,7 +278,9 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
 
         with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"], cfg.parallel.collective_timeout_s) as stop:
-            run = Run(cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, save, stop)
+            run = Run(
+                cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, save, stop, channels_last
+            )
             try:
                 result = _fit(run, start_step, last_step)
             except (RuntimeError, dist.DistError) as exc:
@@ -279,13 +342,7 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
     cfg, env, model, data, task = run.cfg, run.env, run.model, run.data, run.task
     strategy, optimizer, scheduler, scaler, logger = run.strategy, run.optimizer, run.scheduler, run.scaler, run.logger
     t = cfg.train
-    amp = contextlib.nullcontext() if strategy.handles_precision else autocast(t.precision, env.device)
-    device = env.device
-    channels_last = use_channels_last(t.channels_last, device, data.spec.input_shape, strategy.name == "fsdp")
-    # Inputs on the device as the model takes them (layout, and uint8 images normalized there).
-    to_device = functools.partial(
-        data.inputs_to_device, memory_format=torch.channels_last if channels_last else torch.preserve_format
-    )
+    amp, device = run.autocast(), env.device
     params = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult(step=start_step)
     end_step = min(last_step, t.stop_at_step or last_step)  # where this invocation stops
@@ -324,22 +381,8 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
 
     run.train_mode()
     for step in range(start_step + 1, end_step + 1):
-        micro_losses = []
-        for micro in range(t.grad_accum_steps):
-            fetch_start = time.perf_counter()
-            inputs, targets = data.train.next_micro_batch()
-            data_wait += time.perf_counter() - fetch_start
-            inputs = to_device(inputs)
-            targets = targets.to(device, non_blocking=True)
-            # Gradients are all-reduced only on the last micro-batch of the step.
-            with strategy.gradient_sync(model, enabled=micro == t.grad_accum_steps - 1):
-                with amp:
-                    loss = task.loss(model, inputs, targets)
-                # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
-                # the accumulation count makes the summed gradient that of one big batch.
-                scaler.scale(loss / t.grad_accum_steps if t.grad_accum_steps > 1 else loss).backward()
-            micro_losses.append(loss.detach())
-        step_loss = micro_losses[0] if len(micro_losses) == 1 else torch.stack(micro_losses).sum()
+        step_loss, waited = forward_backward(run, amp)
+        data_wait += waited
 
         stop_signal = run.stop.poll(step)  # the same answer on every rank
         log_now = step % t.log_every == 0 or step == end_step or stop_signal is not None
@@ -410,7 +453,7 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
             result.eval_metrics = evaluate(
-                strategy.unwrap(model), task, data.val_loader, to_device, device, amp, t.eval_batches
+                strategy.unwrap(model), task, data.val_loader, run.inputs_to_device, device, amp, t.eval_batches
             )
             logger.log(step, result.eval_metrics)
             run.train_mode()
