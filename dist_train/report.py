@@ -74,6 +74,7 @@ class Summary:
     name: str
     steps: int
     wall_time_s: float | None  # from the first to the last record's `time`
+    first_step: int  # the first record's: the wall time starts there, after start-up
     mean_samples_per_s: float | None
     validation: list[Best]
 
@@ -157,6 +158,7 @@ def summarize(run: RunData) -> Summary:
     return Summary(
         name=run.name,
         steps=max(r["step"] for r in run.records),
+        first_step=min(r["step"] for r in run.records),
         wall_time_s=max(times) - min(times) if times else None,
         mean_samples_per_s=sum(speeds) / len(speeds) if speeds else None,
         validation=validation,
@@ -166,7 +168,7 @@ def summarize(run: RunData) -> Summary:
 def format_summary(summaries: list[Summary]) -> str:
     lines = []
     for s in summaries:
-        wall = f"{s.wall_time_s:.1f} s" if s.wall_time_s is not None else "unknown"
+        wall = f"{s.wall_time_s:.1f} s (steps {s.first_step}-{s.steps})" if s.wall_time_s is not None else "unknown"
         speed = f", mean {s.mean_samples_per_s:.1f} samples/s" if s.mean_samples_per_s is not None else ""
         lines.append(f"{s.name}: {s.steps} steps, wall time {wall}{speed}")
         width = max((len(b.key) for b in s.validation), default=0)

@@ -104,13 +104,16 @@ def _summary_lines(stdout: str) -> dict[str, dict]:
     """The text summary parsed back into numbers, per run."""
     runs: dict[str, dict] = {}
     for line in stdout.splitlines():
-        head = re.fullmatch(r"(\S+): (\d+) steps, wall time ([\d.]+) s, mean ([\d.]+) samples/s", line)
+        head = re.fullmatch(
+            r"(\S+): (\d+) steps, wall time ([\d.]+) s \(steps (\d+)-\2\), mean ([\d.]+) samples/s", line
+        )
         metric = re.fullmatch(
             r"  (val_\w+)\s+(?:best (\S+) \(step (\d+)\)|best n/a)\s+final (\S+) \(step (\d+)\)", line
         )
         if head:
             name = head[1]
-            runs[name] = {"steps": int(head[2]), "wall": float(head[3]), "speed": float(head[4]), "val": {}}
+            runs[name] = {"steps": int(head[2]), "wall": float(head[3]), "from": int(head[4]), "val": {}}
+            runs[name]["speed"] = float(head[5])
         elif metric:
             best = (float(metric[2]), int(metric[3])) if metric[2] else None
             runs[name]["val"][metric[1]] = {"best": best, "final": (float(metric[4]), int(metric[5]))}
@@ -132,6 +135,7 @@ def _expected_summary(run_dir: Path) -> dict:
     return {
         "steps": max(r["step"] for r in records),
         "wall": times[-1] - times[0],
+        "from": records[0]["step"],
         "speed": sum(speeds) / len(speeds),
         "val": val,
     }
@@ -141,6 +145,7 @@ def _assert_summary(parsed: dict, run_dir: Path) -> None:
     expected = _expected_summary(run_dir)
     assert parsed["steps"] == expected["steps"] == 30
     assert parsed["wall"] == pytest.approx(expected["wall"], abs=0.051)
+    assert parsed["from"] == expected["from"] == 5  # the first logged step, where the wall time starts
     assert parsed["speed"] == pytest.approx(expected["speed"], abs=0.051)
     assert sorted(parsed["val"]) == sorted(expected["val"])
     for key, numbers in expected["val"].items():
