@@ -212,6 +212,9 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Rank 0 also writes every logged scalar to RUN_DIR/tensorboard/ (and the run's
+    # hyperparameters with its final validation metrics when it ends).
+    tensorboard: bool = False
 
 
 @dataclass

@@ -287,6 +287,8 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
                 if not (env.is_distributed and is_timeout(exc)):
                     raise
                 raise _timeout_error(exc, cfg.parallel.collective_timeout_s, stop.group) from None
+        if result.step == last_step > start_step:  # this invocation trained the run's last step
+            logger.finished({"world_size": env.world_size, "global_batch": data.global_batch})
         if result.stopped_by and env.is_main:
             marker = {"step": result.step, "signal": result.stopped_by, "checkpoint": str(result.checkpoint)}
             (run_dir / STOPPED_MARKER).write_text(json.dumps(marker) + "\n")
