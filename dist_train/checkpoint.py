@@ -34,7 +34,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from dist_train.config import Config, UserError, to_dict
 from dist_train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
@@ -348,11 +353,21 @@ def _check_fits(model_state: dict[str, torch.Tensor], saved: dict[str, TensorSto
 def load_model_and_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Collective: DCP reads the slices this rank owns, whatever world size wrote them."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    _check_fits(model_state, _saved_tensors(path), path)
-    state = {"model": model_state, "optim": optim_state}
-    with _quiet_dcp():
-        dcp.load(state, checkpoint_id=path / MODEL_OPTIM)
+    state = _load_dcp(path, {"model": model_state, "optim": optim_state})
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_model(path: Path, model: nn.Module) -> None:
+    """Collective: the model's slices alone, for evaluation (the optimizer state is not read)."""
+    state = _load_dcp(path, {"model": get_model_state_dict(model)})
+    set_model_state_dict(model, state["model"])
+
+
+def _load_dcp(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    _check_fits(state["model"], _saved_tensors(path), path)
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=path / MODEL_OPTIM)  # keys absent from `state` are not read
+    return state
 
 
 def read_full_state(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:

@@ -139,8 +139,9 @@ class TrainConfig:
     # with fn(outputs, targets) -> scalar mean over the batch.
     loss: str = "cross_entropy"
     label_smoothing: float = 0.0  # cross_entropy only
-    # Validation metrics beside val_loss: accuracy (classes; per label for bce_with_logits),
-    # mae, mse. None: accuracy for cross_entropy and bce_with_logits, mae for mse and l1.
+    # Validation metrics beside val_loss (torchmetrics, README "Losses and tasks"): accuracy
+    # (classes; per label for bce_with_logits), top5, precision, recall, f1 (macro), confusion
+    # (a matrix saved as files), mae, mse. None: a default per train.loss.
     metrics: list[str] | None = None
     clip_grad_norm: float | None = None
     # A NaN/Inf loss or gradient: `error` stops the run naming the step (the last good checkpoint
@@ -446,7 +447,7 @@ def _describe(hint: Any) -> list[str]:
 FLOAT32_MAX = 3.4028234663852886e38
 DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic", "text")
 LOSSES = ("cross_entropy", "bce_with_logits", "mse", "l1", "model")
-METRICS = ("accuracy", "mae", "mse")
+METRICS = ("accuracy", "top5", "precision", "recall", "f1", "confusion", "mae", "mse")
 
 
 def is_import_path(name: str) -> bool:

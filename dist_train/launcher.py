@@ -146,7 +146,7 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
         with _environment(added_env):  # torchrun's workers inherit it
             run(get_args_parser().parse_args(cmd[3:]))
     except SignalException as exc:  # SIGTERM/SIGINT/SIGHUP: torchrun has already stopped the workers
-        if _report_early_stop(cfg):  # they had time to checkpoint: resumable, as after the warning signal
+        if verb == "train" and _report_early_stop(cfg):  # they checkpointed: resumable, as after the warning
             return PREEMPTED_EXIT_CODE
         print(f"launch: stopped by {exc.sigval.name}; the workers were shut down", file=sys.stderr)
         return 128 + int(exc.sigval)
@@ -159,7 +159,8 @@ def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOpti
             return 128 - failure.exitcode
         print(f"error: worker rank {rank} exited with code {failure.exitcode}; its message is above", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
-    return PREEMPTED_EXIT_CODE if _report_early_stop(cfg) else 0
+    # Only training leaves the marker; another verb (eval) must not report an earlier run's stop.
+    return PREEMPTED_EXIT_CODE if verb == "train" and _report_early_stop(cfg) else 0
 
 
 def root_cause(failures: dict[int, Any]) -> tuple[int, Any]:

@@ -2,7 +2,8 @@
 validation metrics, so the training loop and evaluation never branch on the kind of task.
 
 Losses are means over a micro-batch (the accumulation rule in the loop relies on that).
-Evaluation adds up sums and counts per batch, so the numbers are exact over any sharding.
+Evaluation adds up loss sums and torchmetrics states (dist_train/metrics.py), all sums, so
+the numbers are exact over any sharding.
 """
 
 from __future__ import annotations
@@ -15,46 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_train.config import ConfigError, TrainConfig, import_object
+from dist_train.metrics import Evaluation, MetricChoice, classification_defaults, per_element
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
-def _per_element(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Outputs shaped as the targets: a (batch, 1) regression head against (batch,) targets."""
-    outputs = outputs.float()
-    if outputs.shape != targets.shape and outputs.numel() == targets.numel():
-        outputs = outputs.reshape(targets.shape)
-    return outputs
-
-
-# Each metric: (logged name, per-batch (sum, count) from outputs and targets).
-def _accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    if targets.is_floating_point():  # multi-label: each label right or wrong, at logit 0
-        correct = (outputs.reshape(targets.shape) > 0) == (targets > 0.5)
-        return correct.sum(), targets.numel()
-    # Class indices; flattened so tokens (batch, seq, vocab) count like samples.
-    return (outputs.flatten(0, -2).argmax(dim=1) == targets.flatten()).sum(), targets.numel()
-
-
-def _mae(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return (_per_element(outputs, targets) - targets.float()).abs().sum(), targets.numel()
-
-
-def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return (_per_element(outputs, targets) - targets.float()).square().sum(), targets.numel()
-
-
-METRICS: dict[str, tuple[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]]] = {
-    "accuracy": ("val_acc", _accuracy),
-    "mae": ("val_mae", _mae),
-    "mse": ("val_mse", _mse),
-}
-
-
 class Task:
-    """A loss given as (outputs, targets) -> mean, with its validation metrics."""
+    """A loss given as (outputs, targets) -> mean, with its validation metrics: a list of
+    train.metrics names, or a function choosing them from the first validation batch."""
 
-    def __init__(self, name: str, loss: LossFn, metrics: list[str], sums: Callable | None = None) -> None:
+    def __init__(self, name: str, loss: LossFn, metrics: MetricChoice, sums: Callable | None = None) -> None:
         self.name, self._loss, self.metrics = name, loss, metrics
         # (outputs, targets) -> (loss sum, count) for validation; None: mean x batch size.
         self._loss_sums = sums
@@ -63,19 +34,18 @@ class Task:
         """The training loss of one micro-batch: a mean over it."""
         return self._loss(model(inputs), targets)
 
-    def eval_totals(self, model: nn.Module, inputs: Any, targets: torch.Tensor) -> list[torch.Tensor | float]:
-        """[loss sum, loss count, then a sum and a count per metric] over one batch."""
+    def eval_forward(self, model: nn.Module, inputs: Any, targets: torch.Tensor) -> tuple[torch.Tensor, int, Any]:
+        """One validation batch through the model: (loss sum, loss count, the outputs metrics read)."""
         outputs = model(inputs)
         if self._loss_sums is not None:
-            totals: list[torch.Tensor | float] = list(self._loss_sums(outputs, targets))
+            loss_sum, count = self._loss_sums(outputs, targets)
         else:  # a user's loss is a mean: weigh it by the samples it averaged
-            totals = [self._loss(outputs, targets).float() * len(targets), len(targets)]
-        for metric in self.metrics:
-            totals.extend(METRICS[metric][1](outputs, targets))
-        return totals
+            loss_sum, count = self._loss(outputs, targets).float() * len(targets), len(targets)
+        return loss_sum, count, outputs
 
-    def metric_names(self) -> list[str]:
-        return ["val_loss", *(METRICS[m][0] for m in self.metrics)]
+    def evaluation(self) -> Evaluation:
+        """Fresh metric states for one pass over a validation split."""
+        return Evaluation(self.metrics)
 
 
 class ModelLoss(Task):
@@ -100,14 +70,11 @@ class ModelLoss(Task):
     def loss(self, model: nn.Module, inputs: Any, targets: torch.Tensor) -> torch.Tensor:
         return self._call(model, inputs, targets)[0]
 
-    def eval_totals(self, model: nn.Module, inputs: Any, targets: torch.Tensor) -> list[torch.Tensor | float]:
+    def eval_forward(self, model: nn.Module, inputs: Any, targets: torch.Tensor) -> tuple[torch.Tensor, int, Any]:
         loss, logits = self._call(model, inputs, targets)
-        totals: list[torch.Tensor | float] = [loss.float() * len(targets), len(targets)]
         if self.metrics and logits is None:
             raise ConfigError("train.metrics needs the model to return a dict with 'logits' beside 'loss'")
-        for metric in self.metrics:
-            totals.extend(METRICS[metric][1](logits, targets))
-        return totals
+        return loss.float() * len(targets), len(targets), logits
 
 
 def _unused(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -131,15 +98,22 @@ def _elementwise(fn: Callable[..., torch.Tensor]) -> tuple[LossFn, Callable]:
     """A loss averaged over every target element (bce, mse, l1), and its validation sums."""
 
     def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return fn(_per_element(outputs, targets), targets.float())
+        return fn(per_element(outputs, targets), targets.float())
 
     def sums(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return fn(_per_element(outputs, targets), targets.float(), reduction="sum"), targets.numel()
+        return fn(per_element(outputs, targets), targets.float(), reduction="sum"), targets.numel()
 
     return loss, sums
 
 
-DEFAULT_METRICS = {"cross_entropy": ["accuracy"], "bce_with_logits": ["accuracy"], "mse": ["mae"], "l1": ["mae"]}
+# train.metrics when it is null: classes get accuracy, top-5, macro precision, recall and F1 and
+# a confusion matrix, token sequences accuracy only (see classification_defaults).
+DEFAULT_METRICS: dict[str, MetricChoice] = {
+    "cross_entropy": classification_defaults,
+    "bce_with_logits": ["accuracy"],
+    "mse": ["mae"],
+    "l1": ["mae"],
+}
 
 
 def build_task(cfg: TrainConfig, loss: LossFn | None = None) -> Task:

@@ -454,8 +454,9 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
         if eval_due:
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
+            files = (cfg.run_dir, f"step_{step:08d}") if env.is_main else None  # rank 0 writes them
             result.eval_metrics = evaluate(
-                strategy.unwrap(model), task, data.val_loader, run.inputs_to_device, device, amp, t.eval_batches
+                strategy.unwrap(model), task, data.val_loader, run.inputs_to_device, device, amp, t.eval_batches, files
             )
             logger.log(step, result.eval_metrics)
             run.train_mode()
@@ -490,27 +491,32 @@ def evaluate(
     device: torch.device,
     amp: ContextManager,
     max_batches: int | None = None,
+    save_to: tuple[Path, str] | None = None,
 ) -> dict[str, float]:
     """The task's loss and metrics over the validation split (or the first max_batches of each
     rank's shard, always the same ones), summed across ranks so every rank gets the same numbers.
+    `save_to`, given on rank 0 only: (directory, tag) for what the metrics keep as files (a
+    confusion matrix: directory/confusion/tag.csv and .png).
 
     Every rank runs the same number of forwards (a sharded model all-gathers inside each one);
-    a rank whose shard ran out repeats its last batch without counting it.
+    a rank whose shard ran out repeats its last batch without counting it. The metric states
+    are then summed in one all-reduce that every rank makes (torchmetrics' own sync is off).
     """
     model.eval()
-    names = task.metric_names()
-    totals = torch.zeros(2 * len(names), dtype=torch.float64, device=device)  # (sum, count) per name
+    evaluation = task.evaluation()
     own_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     rounds = int(all_reduce_max(torch.tensor(own_batches, device=device)).item())
     batches = iter(loader)
     for index in range(rounds):
-        if index < own_batches:
+        counted = index < own_batches
+        if counted:
             inputs, targets = next(batches)
             inputs, targets = inputs_to_device(inputs), targets.to(device, non_blocking=True)
         with amp:
-            batch_totals = task.eval_totals(model, inputs, targets)
-        if index >= own_batches:
-            continue
-        totals += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in batch_totals])
-    sums = all_reduce_sum(totals).tolist()
-    return {name: sums[2 * i] / sums[2 * i + 1] for i, name in enumerate(names)}
+            loss_sum, count, outputs = task.eval_forward(model, inputs, targets)
+        if counted:
+            evaluation.update(loss_sum, count, outputs, targets)
+    evaluation.all_reduce(all_reduce_sum)
+    if save_to is not None:
+        evaluation.save(*save_to)
+    return evaluation.compute()

@@ -1,0 +1,176 @@
+"""`dist-train eval RUN_DIR`: a checkpoint's metrics on the run's validation (or training) split.
+
+The run's config.yaml plus key=value overrides builds the data and the model as training did
+(trainer.build_trainable); only the model is read from the checkpoint, through DCP, which
+reshards whatever strategy and world size wrote it. Evaluation is the trainer's own
+`evaluate`, so the numbers are those training logs, on any number of processes.
+
+Every mistake in what was asked (no such run, no valid checkpoint, no checkpoint at --step, a
+corrupt one, a bad override, an --out that holds files) is found before anything is written;
+results go to a folder of their own and never replace a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dist_train import checkpoint
+from dist_train.config import Config, UserError, check_device, load_config
+from dist_train.data import build_pipeline
+from dist_train.data.loader import load_datasets
+from dist_train.distributed import DistEnv, process_group, read_env, seed_everything, set_cuda_math
+from dist_train.export import weights_checkpoint
+from dist_train.parallel import SingleProcess, build_strategy
+from dist_train.tasks import build_task
+from dist_train.trainer import _on_rank0, autocast, build_trainable, evaluate
+
+# val: the split training validates on; train: the training samples through the evaluation
+# transform (no augmentation), as a check of fit against the validation numbers.
+SPLITS = ("val", "train")
+
+
+@dataclass
+class EvalResult:
+    checkpoint: Path
+    step: int
+    split: str
+    samples: int
+    metrics: dict[str, float]  # named for the split: val_acc, or train_acc for --split train
+    out: Path | None  # where rank 0 wrote metrics.json and the confusion matrix; None elsewhere
+
+
+def eval_config(run_dir: Path, overrides: list[str], world_size: int) -> Config:
+    """The run's config.yaml with the overrides, set up to evaluate on `world_size` processes."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run_dir} is not a run directory: it has no config.yaml")
+    cfg = load_config(saved, overrides)
+    # Several processes keep FSDP's sharding where the run had it (a model too big for one
+    # device stays sharded); otherwise each holds a replica (ddp: the launcher's checks accept
+    # it for any world size; _run_eval does not wrap it). One process needs no wrapper.
+    strategy = "none" if world_size == 1 else ("fsdp" if cfg.parallel.strategy == "fsdp" else "ddp")
+    return dataclasses.replace(
+        cfg,
+        # The run is where RUN_DIR says, whatever directory the training command ran from.
+        run=dataclasses.replace(cfg.run, output_dir=str(run_dir.resolve().parent), name=run_dir.resolve().name),
+        parallel=dataclasses.replace(cfg.parallel, strategy=strategy),
+        # Evaluation resumes nothing: a run trained with resume=never must not refuse its own checkpoints.
+        checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"),
+    )
+
+
+def check_out(out: Path | None) -> None:
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not an empty folder; nothing is overwritten")
+
+
+def prepare(run_dir: Path, overrides: list[str], step: int | None, out: Path | None, world_size: int) -> Config:
+    """Every check on what was asked, before any process starts or anything is written."""
+    cfg = eval_config(run_dir, overrides, world_size)
+    weights_checkpoint(run_dir, step)
+    check_out(out)
+    return cfg
+
+
+def _out_dir(run_dir: Path, out: Path | None, split: str, step: int) -> Path:
+    """--out, or RUN_DIR/eval/SPLIT-step_N (.2, .3, ... beside an earlier evaluation's)."""
+    check_out(out)
+    if out is not None:
+        return out
+    base = run_dir / "eval" / f"{split}-step_{step:08d}"
+    target, k = base, 2
+    while target.exists():
+        target, k = base.with_name(f"{base.name}.{k}"), k + 1
+    return target
+
+
+def run_eval(
+    run_dir: Path, overrides: list[str], step: int | None = None, split: str = "val", out: Path | None = None
+) -> EvalResult:
+    """Evaluate in this process: one of torchrun's workers, or alone. Rank 0 prints the table
+    and writes the files."""
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    cfg = eval_config(run_dir, overrides, read_env()[2])
+    with process_group(cfg.parallel.collective_timeout_s) as env:
+        return _run_eval(cfg, env, run_dir, overrides, step, split, out)
+
+
+def _run_eval(
+    cfg: Config, env: DistEnv, run_dir: Path, overrides: list[str], step: int | None, split: str, out: Path | None
+) -> EvalResult:
+    check_device(cfg, env.device.type == "cuda")
+
+    def locate() -> tuple[Path, int, Path]:
+        source = weights_checkpoint(run_dir, step)  # verified against its manifest
+        found = int(checkpoint.STEP_DIR.match(source.name).group(1))
+        return source, found, _out_dir(run_dir, out, split, found)
+
+    source, found_step, out_dir = _on_rank0(env, locate)  # one rank hashes the checkpoint
+    # A replica needs no DDP: its hooks serve gradients, and evaluation has none.
+    sharded = cfg.parallel.strategy == "fsdp"
+    strategy = build_strategy(cfg.parallel, env, cfg.train.precision) if sharded else SingleProcess()
+    if env.device.type == "cuda":
+        set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
+    seed_everything(cfg.run.seed)
+    datasets = None
+    if split == "train":  # the training samples in the validation slot: no augmentation, every one once
+        loaded = load_datasets(cfg.data, env)
+        datasets = dataclasses.replace(loaded, val=loaded.train, baseline_val_loss=None)
+    data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed, datasets)
+    trainable = build_trainable(cfg, env, strategy, data, resuming=True)  # resuming: init_from is not read
+    checkpoint.load_model(source, trainable.model)
+    layout = torch.channels_last if trainable.channels_last else torch.preserve_format
+    # As Run.autocast: FSDP's mixed precision casts by itself, otherwise autocast.
+    amp = contextlib.nullcontext() if strategy.handles_precision else autocast(cfg.train.precision, env.device)
+    tag = f"step_{found_step:08d}"  # the confusion matrix's file name, as training names it
+    values = evaluate(
+        strategy.unwrap(trainable.model),
+        build_task(cfg.train),
+        data.val_loader,
+        lambda inputs: data.inputs_to_device(inputs, memory_format=layout),
+        env.device,
+        amp,
+        cfg.train.eval_batches,
+        (out_dir, tag) if env.is_main else None,
+    )
+    # Named for the split evaluated: val_acc for val, train_acc for train.
+    metrics = {re.sub(r"^val_", f"{split}_", name): value for name, value in values.items()}
+    samples = len(data.val_loader.loader.dataset)
+    result = EvalResult(source, found_step, split, samples, metrics, out_dir if env.is_main else None)
+    if env.is_main:
+        _report(result, overrides, env.world_size)
+    return result
+
+
+def _report(result: EvalResult, overrides: list[str], world_size: int) -> None:
+    assert result.out is not None
+    result.out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "checkpoint": str(result.checkpoint),
+        "step": result.step,
+        "split": result.split,
+        "samples": result.samples,
+        "processes": world_size,
+        "overrides": overrides,
+        "metrics": result.metrics,
+    }
+    (result.out / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    print(f"{result.checkpoint} (step {result.step}), {result.split} split: {result.samples} samples on {processes}")
+    rows = [("metric", "value"), *((name, f"{value:.6g}") for name, value in result.metrics.items())]
+    left, right = (max(len(row[i]) for row in rows) for i in (0, 1))
+    rows.insert(1, ("-" * left, "-" * right))
+    for name, value in rows:
+        print(f"| {name:<{left}} | {value:<{right}} |")
+    files = sorted(str(p.relative_to(result.out)) for p in result.out.rglob("*") if p.is_file())
+    print(f"wrote {result.out}: {', '.join(files)}")
