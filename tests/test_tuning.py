@@ -1,20 +1,25 @@
-"""find-batch (dist_train/batch_finder.py) on the digits job, through torchrun's 2 gloo ranks
-where the decisions must be collective, and data.batch_size=auto with train.global_batch in
-training and on resume."""
+"""find-lr and find-batch (dist_train/lr_finder.py, batch_finder.py) on the digits job, through
+torchrun's 2 gloo ranks where the decisions must be collective, and data.batch_size=auto with
+train.global_batch in training and on resume."""
 
 from __future__ import annotations
 
+import csv
+import math
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO, cli_env, tiny_overrides
+from conftest import REPO, cli_env, run_cli, tiny_overrides
 
 import dist_train
+from dist_train import cli
 from dist_train.batch_finder import OOM_ABOVE_ENV, OOM_RANK_ENV, find_batch
 from dist_train.config import ConfigError, load_config
+from dist_train.lr_finder import RangeOptions, RangeTest, Smoother, smoothing
 
 DIGITS = str(REPO / "configs" / "digits.yaml")
 TWO_RANKS = ("--nproc-per-node", "2")
@@ -31,6 +36,95 @@ def one_thread():
 
 def _output(proc: subprocess.CompletedProcess) -> str:
     return f"rc={proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def _csv(path) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def lr_test(tmp_path_factory):
+    """find-lr on 2 ranks x 16 = the global batch of 32 the digits job trains with in one process.
+    400 steps over the default 8 decades: the seed CNN sits on a plateau for about 80 steps at
+    lr 0.05 before its loss moves, so the default 100 steps (12 per decade) never see it learn."""
+    root = tmp_path_factory.mktemp("find_lr")
+    overrides = ["data.batch_size=16", f"run.output_dir={root / 'runs'}"]
+    proc = run_cli("find-lr", "configs/digits.yaml", *overrides, "--steps", "400", *TWO_RANKS, cwd=REPO)
+    return proc, root
+
+
+def test_find_lr_on_two_ranks_writes_the_curve_and_no_run(lr_test):
+    proc, root = lr_test
+    assert proc.returncode == 0, _output(proc)
+    out = root / "runs" / "digits-lr_find"  # the default: beside the run directory
+    rows = _csv(out / "lr_find.csv")
+    assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(rows) == 400 and "ran all 400 of 400 steps on 2 ranks" in proc.stdout, _output(proc)
+    lrs = np.array([row["lr"] for row in rows])
+    assert lrs[0] == pytest.approx(1e-7) and lrs[-1] == pytest.approx(10)
+    ratios = lrs[1:] / lrs[:-1]  # exponential: one constant factor per step
+    assert np.allclose(ratios, (10 / 1e-7) ** (1 / 399), rtol=1e-4)
+    assert all(math.isfinite(row["smoothed"]) for row in rows)
+    assert "not applied during the test: schedule.name=cosine, schedule.warmup_steps=50" in proc.stdout
+    assert not (root / "runs" / "digits").exists()  # no run directory, checkpoint or metrics
+
+
+def test_the_suggested_lr_trains_digits(lr_test, tmp_path):
+    proc, _ = lr_test
+    found = re.search(r"^use: optim\.lr=(\S+)$", proc.stdout, re.MULTILINE)
+    assert found, _output(proc)
+    lr = float(found.group(1))
+    overrides = [f"optim.lr={lr}", f"run.output_dir={tmp_path}", "logging.wandb.mode=disabled"]
+    result = dist_train.fit(DIGITS, [*overrides, "train.progress_bar=false", "checkpoint.every_steps=0"])
+    assert result.eval_metrics["val_acc"] >= 0.97, (lr, result.eval_metrics)
+
+
+def test_find_lr_stops_on_every_rank_at_the_same_step(tmp_path):
+    """A max-lr that blows the loss up: the early stop is decided from the all-reduced loss, so
+    both ranks leave the loop together and the command ends normally (a rank deciding alone would
+    leave the other in DDP's all-reduce until the 60 s timeout)."""
+    flags = ["--min-lr", "0.01", "--max-lr", "1e5", "--steps", "60", "--out", str(tmp_path / "lr")]
+    overrides = ["data.batch_size=16", f"run.output_dir={tmp_path / 'runs'}", "parallel.collective_timeout_s=60"]
+    proc = run_cli("find-lr", "configs/digits.yaml", *overrides, *flags, *TWO_RANKS, cwd=REPO)
+    assert proc.returncode == 0, _output(proc)
+    stopped = re.search(r"stopped early at step (\d+) on all 2 ranks \(steps per rank: \[(\d+), (\d+)\]\)", proc.stdout)
+    assert stopped, _output(proc)
+    step, rank0, rank1 = map(int, stopped.groups())
+    assert step == rank0 == rank1 < 60
+    assert len(_csv(tmp_path / "lr" / "lr_find.csv")) == step
+
+
+def test_find_lr_refuses_a_folder_that_holds_something(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = cli.main(["find-lr", DIGITS, "--out", str(out), *TWO_RANKS])  # refused before any worker starts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--out" in err[0] and "not empty" in err[0], err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    code = cli.main(["find-lr", DIGITS, "--min-lr", "1", "--max-lr", "0.1", "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--min-lr" in err[0], err
+
+
+def test_the_steepest_descent_is_read_where_the_smoothed_loss_belongs():
+    """A loss that falls fastest at lr 0.01 (a logistic step in log(lr)) and climbs past 10**-0.5,
+    smoothed as find-lr does. Placed at the newest lr, the moving average would put the steepest
+    descent 0.3 decades to the right (0.02); placed at the lrs it averages, the suggestion is at
+    0.01 or, the average's blur being one-sided, a little below it: never toward divergence."""
+    options = RangeOptions(1e-5, 1.0, 200)
+    lrs = [options.lr(step) for step in range(options.steps)]
+    x = np.log10(lrs)
+    losses = 2.3 - 2.0 / (1 + np.exp(-(x + 2) * 4)) + np.where(x > -0.5, (x + 0.5) * 8, 0)
+    smoother = Smoother(smoothing(options.steps))
+    test = RangeTest(lrs, list(losses), [], [], options.steps)
+    for lr, loss in zip(lrs, losses, strict=True):
+        smoothed, smoothed_lr = smoother.add(lr, loss)
+        test.smoothed.append(smoothed)
+        test.smoothed_lrs.append(smoothed_lr)
+    assert 10**-2.3 < test.suggestion() <= 10**-2
+    assert 10**-1.1 < test.smoothed_lrs[test.lowest()] < 10**-0.5  # the bottom, blurred the same way
 
 
 def test_find_batch_on_two_ranks_agrees_when_only_rank_1_runs_out():

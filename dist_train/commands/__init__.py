@@ -6,7 +6,7 @@ flags too (see launch.add_launch_flags): given `--nproc-per-node`, the verb star
 that many workers through torchrun, exactly as `dist-train launch` starts `train`.
 """
 
-from dist_train.commands import export, find_batch, launch, train
+from dist_train.commands import export, find_batch, find_lr, launch, train
 
 # In the order `dist-train --help` lists them.
-VERBS = {"train": train, "launch": launch, "export": export, "find-batch": find_batch}
+VERBS = {"train": train, "launch": launch, "export": export, "find-lr": find_lr, "find-batch": find_batch}
