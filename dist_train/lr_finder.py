@@ -281,9 +281,9 @@ def report(test: RangeTest, out: Path) -> list[str]:
     """The printed summary: a short table of the curve, the suggestions and the override."""
     n = len(test.lrs)
     shown = sorted({*range(0, n, max(1, math.ceil(n / 10))), n - 1})
-    lines = ["   step         lr      loss  smoothed  (smoothed: the average of the losses at about smoothed_lr)"]
+    lines = ["   step         lr      loss  smoothed  smoothed_lr (the lr the smoothed loss averages around)"]
     lines += [
-        f"{i + 1:>7} {test.lrs[i]:>10.3g} {test.losses[i]:>9.4g} {test.smoothed[i]:>9.4g}  {test.smoothed_lrs[i]:.3g}"
+        f"{i + 1:>7} {test.lrs[i]:>10.3g} {test.losses[i]:>9.4g} {test.smoothed[i]:>9.4g} {test.smoothed_lrs[i]:>12.3g}"
         for i in shown
     ]
     steepest, lowest, suggestion = test.steepest(), test.lowest(), test.suggestion()
