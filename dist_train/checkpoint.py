@@ -295,7 +295,9 @@ def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source
     if per_micro_batch * cfg.train.grad_accum_steps == global_batch:
         return cfg
     for key, before, now in (
-        ("data.batch_size", saved["data"]["batch_size"], cfg.data.batch_size),
+        ("train.global_batch", saved["train"].get("global_batch"), cfg.train.global_batch),
+        # The micro-batch as it ran (data.batch_size=auto records the one it found).
+        ("data.batch_size", state.get("micro_batch", saved["data"]["batch_size"]), cfg.data.batch_size),
         ("train.grad_accum_steps", saved["train"]["grad_accum_steps"], cfg.train.grad_accum_steps),
     ):
         if before != now:

@@ -126,7 +126,10 @@ def _run_eval(
     if split == "train":  # the training samples in the validation slot: no augmentation, every one once
         loaded = load_datasets(cfg.data, env)
         datasets = dataclasses.replace(loaded, val=loaded.train, baseline_val_loss=None)
-    data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed, datasets)
+    # Only the validation side is read; an `auto` training micro-batch needs no search for that.
+    data_cfg = dataclasses.replace(cfg.data, batch_size=1) if cfg.data.batch_size == "auto" else cfg.data
+    named = f"data.dataset={cfg.data.dataset}"
+    data = build_pipeline(data_cfg, env, cfg.train.grad_accum_steps, cfg.run.seed, datasets, named)
     trainable = build_trainable(cfg, env, strategy, data, resuming=True)  # resuming: init_from is not read
     checkpoint.load_model(source, trainable.model)
     layout = torch.channels_last if trainable.channels_last else torch.preserve_format

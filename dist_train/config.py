@@ -56,7 +56,12 @@ class DataConfig:
     # Where image_folder/cifar10/mnist live; image_folder expects train/ (and optionally val/).
     root: str = "data"
     download: bool = False
-    batch_size: int = 64  # per rank, per micro-batch
+    # Per rank, per micro-batch; auto: the largest that fits, searched at start-up (dist-train
+    # find-batch) and recorded in the checkpoints, so a resumed run keeps it.
+    batch_size: int | Literal["auto"] = 64
+    # batch_size auto: the memory one trial may use per rank, in GiB (CUDA: peak allocated;
+    # CPU, where nothing runs out: an estimate, see batch_finder). None: until out of memory.
+    max_memory_gb: float | None = None
     eval_batch_size: int = 256
     num_workers: int = 0
     augment: bool = True
@@ -133,6 +138,9 @@ class TrainConfig:
     # schedule and data order still span the whole run, so a resume continues exactly.
     stop_at_step: int | None = None
     grad_accum_steps: int = 1
+    # Samples per optimizer step, all ranks together: sets grad_accum_steps to
+    # global_batch / (world size x data.batch_size), which must divide.
+    global_batch: int | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # cross_entropy | bce_with_logits (multi-label) | mse | l1 | model (the model is called as
     # model(inputs, targets) and returns its loss, or a dict with "loss") | "package.module:fn"
@@ -514,7 +522,16 @@ def validate(cfg: Config) -> None:
         "data.input_shape",
         f"must be a list of positive sizes, got {cfg.data.input_shape}",
     )
-    require(cfg.data.batch_size >= 1, "data.batch_size", f"must be >= 1, got {cfg.data.batch_size}")
+    require(
+        cfg.data.batch_size == "auto" or cfg.data.batch_size >= 1,
+        "data.batch_size",
+        f"must be >= 1 or auto, got {cfg.data.batch_size}",
+    )
+    require(
+        cfg.data.max_memory_gb is None or cfg.data.max_memory_gb > 0,
+        "data.max_memory_gb",
+        f"must be > 0, got {cfg.data.max_memory_gb}",
+    )
     require(cfg.data.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {cfg.data.eval_batch_size}")
     require(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     require(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be between 0 and 1, got {cfg.data.val_fraction}")
@@ -591,6 +608,12 @@ def validate(cfg: Config) -> None:
     require(t.max_epochs is None or t.max_epochs >= 1, "train.max_epochs", f"must be >= 1, got {t.max_epochs}")
     require(t.stop_at_step is None or t.stop_at_step >= 1, "train.stop_at_step", f"must be >= 1, got {t.stop_at_step}")
     require(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
+    require(t.global_batch is None or t.global_batch >= 1, "train.global_batch", f"must be >= 1, got {t.global_batch}")
+    require(
+        t.global_batch is None or t.grad_accum_steps == 1,
+        "train.grad_accum_steps",
+        f"is derived from train.global_batch={t.global_batch}; leave it at 1, got {t.grad_accum_steps}",
+    )
     require(
         t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm", f"must be > 0, got {t.clip_grad_norm}"
     )

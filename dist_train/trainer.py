@@ -107,10 +107,11 @@ class Run:
         return self.data.inputs_to_device(inputs, memory_format=layout)
 
 
-def forward_backward(run: Run, amp: ContextManager) -> tuple[torch.Tensor, float]:
+def forward_backward(run: Run, amp: ContextManager, sync: bool = True) -> tuple[torch.Tensor, float]:
     """One optimizer step's micro-batches through forward and backward, gradients all-reduced
-    on the last. Returns the step's loss (the sum of the micro-batch means, left on the device)
-    and the seconds spent waiting for data."""
+    on the last (sync=False: on none, for a trial that must not leave a rank in a collective).
+    Returns the step's loss (the sum of the micro-batch means, left on the device) and the
+    seconds spent waiting for data."""
     accum, device, data_wait = run.cfg.train.grad_accum_steps, run.env.device, 0.0
     micro_losses = []
     for micro in range(accum):
@@ -120,7 +121,7 @@ def forward_backward(run: Run, amp: ContextManager) -> tuple[torch.Tensor, float
         inputs = run.inputs_to_device(inputs)
         targets = targets.to(device, non_blocking=True)
         # Gradients are all-reduced only on the last micro-batch of the step.
-        with run.strategy.gradient_sync(run.model, enabled=micro == accum - 1):
+        with run.strategy.gradient_sync(run.model, enabled=sync and micro == accum - 1):
             with amp:
                 loss = run.task.loss(run.model, inputs, targets)
             # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
@@ -198,7 +199,12 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     state, user_cfg = None, cfg  # checkpoints record the config as given, cfg what runs
     if resume_from is not None:
         state = checkpoint.load_train_state(resume_from)
-        cfg = checkpoint.check_compatible(state, user_cfg, env.world_size, resume_from)
+    from dist_train.batch_finder import resolve_batch  # it trains with this module's parts
+
+    # data.batch_size=auto (searched now, or the checkpoint's) and train.global_batch, resolved.
+    cfg = resolve_batch(user_cfg, env, strategy, state, parts)
+    if resume_from is not None:
+        cfg = checkpoint.check_compatible(state, cfg, env.world_size, resume_from)
         world_change = (
             f"written by {state['world_size']} processes, resumed on {env.world_size}: train.grad_accum_steps "
             f"{cfg.train.grad_accum_steps} keeps the global batch of {state['global_batch']}"
@@ -273,6 +279,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
                 "wandb_run_id": wandb_run_id,
                 "world_size": env.world_size,
                 "global_batch": data.global_batch,
+                "micro_batch": cfg.data.batch_size,  # as it ran: data.batch_size=auto resumes with it
                 "config": to_dict(user_cfg),
             }
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)

@@ -6,7 +6,15 @@ flags too (see launch.add_launch_flags): given `--nproc-per-node`, the verb star
 that many workers through torchrun, exactly as `dist-train launch` starts `train`.
 """
 
-from dist_train.commands import evaluate, export, launch, report, train
+from dist_train.commands import evaluate, export, find_batch, find_lr, launch, report, train
 
 # In the order `dist-train --help` lists them.
-VERBS = {"train": train, "launch": launch, "eval": evaluate, "export": export, "report": report}
+VERBS = {
+    "train": train,
+    "launch": launch,
+    "eval": evaluate,
+    "export": export,
+    "report": report,
+    "find-lr": find_lr,
+    "find-batch": find_batch,
+}

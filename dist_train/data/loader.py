@@ -362,10 +362,16 @@ def load_datasets(cfg: DataConfig, env: DistEnv) -> Datasets:
 
 
 def build_pipeline(
-    cfg: DataConfig, env: DistEnv, grad_accum_steps: int, seed: int, datasets: Datasets | None = None
+    cfg: DataConfig,
+    env: DistEnv,
+    grad_accum_steps: int,
+    seed: int,
+    datasets: Datasets | None = None,
+    named: str | None = None,
 ) -> DataPipeline:
-    """The run's batches from the datasets `cfg` names, or from `datasets` when given."""
-    named = f"data.dataset={cfg.dataset}" if datasets is None else "the dataset given to dist_train.fit"
+    """The run's batches from the datasets `cfg` names, or from `datasets` when given (`named`:
+    what error lines call them, when not the dataset given to dist_train.fit)."""
+    named = named or (f"data.dataset={cfg.dataset}" if datasets is None else "the dataset given to dist_train.fit")
     datasets = datasets if datasets is not None else load_datasets(cfg, env)
     global_batch = env.world_size * cfg.batch_size * grad_accum_steps
     n_train = len(datasets.train)
