@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(BIN)/dist-train train configs/digits.yaml $(ARGS)
 
+# Two test files at a time (loadfile keeps a file's shared fixtures and its SLURM cluster in
+# one worker); PYTEST_ARGS= runs them one by one.
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-train", description="Train with DDP or FSDP on torchrun, or on one process."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for verb in VERBS.values():
         verb.add_parser(sub)
     return parser

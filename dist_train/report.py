@@ -23,7 +23,7 @@ import yaml
 from dist_train.config import UserError
 
 # Metric names that say which way is better; val_* matched by substring (val_top5_acc, val_f1).
-HIGHER_IS_BETTER = ("acc", "f1", "precision", "recall", "auc", "iou", "dice")
+HIGHER_IS_BETTER = ("acc", "top", "f1", "precision", "recall", "auc", "iou", "dice")
 LOWER_IS_BETTER = ("loss", "err", "mae", "mse", "perplexity", "ppl")
 
 

@@ -161,12 +161,14 @@ def test_the_hparams_carry_the_config_and_the_real_final_validation_metrics(resu
     assert content["_hparams_/session_end_info"].session_end_info.status == api_pb2.STATUS_SUCCESS
 
     metric_tags = {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos}
-    assert metric_tags == {"loss/val", "val/acc"}
     # The HParams table shows a metric as the last point of the tag it names: the final validation.
     records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     final_val = [r for r in records if "val_loss" in r][-1]
     assert final_val["step"] == 16
-    for key in ("val_loss", "val_acc"):
+    validation_keys = [key for key in final_val if key.startswith("val_")]
+    assert {"val_loss", "val_acc", "val_f1"} <= set(validation_keys)  # the digits task's defaults
+    assert metric_tags == {tensorboard_tag(key) for key in validation_keys}
+    for key in validation_keys:
         last = accumulator.Scalars(tensorboard_tag(key))[-1]
         assert (last.step, last.value) == (16, pytest.approx(final_val[key], rel=1e-6))
         assert last.value == pytest.approx(resumed.eval_metrics[key], rel=1e-6)
