@@ -42,8 +42,8 @@ from dist_train.data.loader import load_datasets
 from dist_train.distributed import DistEnv, all_reduce_max, all_reduce_min, process_group, seed_everything
 from dist_train.efficiency import local_shard, param_and_optimizer_bytes
 from dist_train.parallel import Strategy
+from dist_train.run import Run, UserParts, build_trainable, forward_backward
 from dist_train.tasks import LossFn, build_task
-from dist_train.trainer import Run, UserParts, build_trainable, forward_backward
 from dist_train.tuning import optimizer_update, tool_run, tool_strategy
 
 # For tests only: a trial of a micro-batch larger than this raises torch.OutOfMemoryError in the

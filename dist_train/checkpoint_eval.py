@@ -1,7 +1,7 @@
 """`dist-train eval RUN_DIR`: a checkpoint's metrics on the run's validation (or training) split.
 
 The run's config.yaml plus key=value overrides builds the data and the model as training did
-(trainer.build_trainable); only the model is read from the checkpoint, through DCP, which
+(run.build_trainable); only the model is read from the checkpoint, through DCP, which
 reshards whatever strategy and world size wrote it. Evaluation is the trainer's own
 `evaluate`, so the numbers are those training logs, on any number of processes.
 
@@ -25,11 +25,12 @@ from dist_train import checkpoint
 from dist_train.config import Config, UserError, check_device, load_config
 from dist_train.data import build_pipeline
 from dist_train.data.loader import load_datasets
-from dist_train.distributed import DistEnv, process_group, read_env, seed_everything, set_cuda_math
+from dist_train.distributed import DistEnv, on_rank0, process_group, read_env, seed_everything, set_cuda_math
 from dist_train.export import weights_checkpoint
 from dist_train.parallel import SingleProcess, build_strategy
+from dist_train.run import autocast, build_trainable
 from dist_train.tasks import build_task
-from dist_train.trainer import _on_rank0, autocast, build_trainable, evaluate
+from dist_train.trainer import evaluate
 
 # val: the split training validates on; train: the training samples through the evaluation
 # transform (no augmentation), as a check of fit against the validation numbers.
@@ -115,7 +116,7 @@ def _run_eval(
         found = int(checkpoint.STEP_DIR.match(source.name).group(1))
         return source, found, _out_dir(run_dir, out, split, found)
 
-    source, found_step, out_dir = _on_rank0(env, locate)  # one rank hashes the checkpoint
+    source, found_step, out_dir = on_rank0(env, locate)  # one rank hashes the checkpoint
     # A replica needs no DDP: its hooks serve gradients, and evaluation has none.
     sharded = cfg.parallel.strategy == "fsdp"
     strategy = build_strategy(cfg.parallel, env, cfg.train.precision) if sharded else SingleProcess()

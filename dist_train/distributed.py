@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -227,3 +228,23 @@ def unresponsive_ranks(group, timeout_s: float) -> list[int] | None:
         found = re.search(r"[Rr]anks? ([\d, ]+) failed to pass", str(exc))
         return [int(r) for r in found.group(1).replace(",", " ").split()] if found else None
     return [] if dist.get_rank(group) == 0 else None
+
+
+def on_rank0(env: DistEnv, decide, share: bool = True):
+    """Run `decide` on rank 0 only; every rank learns whether it failed, so none is left waiting
+    in a collective. With share=True every rank also gets its result; otherwise others get None."""
+    outcome: tuple[str, Any] = ("ok", None)
+    failure: BaseException | None = None
+    if env.is_main:
+        try:
+            value = decide()
+            outcome = ("ok", value if share else None)
+        except Exception as exc:  # noqa: BLE001 - re-raised below on rank 0, reported on the others
+            failure = exc
+            outcome = ("error", str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}")
+    kind, shared = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise UserError(shared)
+    return value if env.is_main and not share else shared

@@ -39,8 +39,8 @@ from dist_train.distributed import (
     process_group,
     seed_everything,
 )
+from dist_train.run import build_trainable, forward_backward
 from dist_train.tasks import build_task
-from dist_train.trainer import build_trainable, forward_backward
 from dist_train.tuning import optimizer_update, tool_run, tool_strategy
 from dist_train.worker_env import FLIGHT_RECORDER_DIR
 

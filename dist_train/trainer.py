@@ -1,6 +1,6 @@
 """The training loop: setup, gradient-accumulating AMP steps, evaluation, checkpoints.
 
-Read it top to bottom: `train` builds a Run (what a run is made of) and restores a checkpoint,
+Read it top to bottom: `train` builds a Run (run.py: what a run is made of) and restores a checkpoint,
 `_fit` is the loop. The Task owns the loss and the validation metrics, so the loop never
 branches on what is learned. The hot path does no host sync; losses and the non-finite check
 stay on the device and are read only every `train.log_every` steps and before a checkpoint.
@@ -8,7 +8,6 @@ stay on the device and are read only every `train.log_every` steps and before a 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -18,39 +17,36 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
-from dist_train import checkpoint, finetune
+from dist_train import checkpoint
 from dist_train.config import Config, UserError, check_device, dump_yaml, resolve_auto, to_dict
-from dist_train.data import DataPipeline, Datasets, build_pipeline, total_steps
+from dist_train.data import build_pipeline, total_steps
 from dist_train.distributed import (
     DistEnv,
     all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
     broadcast_buffers,
-    broadcast_module,
     broadcast_object,
     is_timeout,
+    on_rank0,
     process_group,
     retain_freed_host_memory,
     seed_everything,
     set_cuda_math,
     unresponsive_ranks,
-    use_channels_last,
 )
 from dist_train.efficiency import flops_per_token, local_shard, mfu, param_and_optimizer_bytes, peak_flops
 from dist_train.logger import RunLogger, new_wandb_run_id
-from dist_train.models import build_model
-from dist_train.optim import build_optimizer, build_scheduler, keep_kernel_choice, load_scheduler_position, use_fused
-from dist_train.parallel import Strategy, build_strategy, prepare_blocks
+from dist_train.optim import build_scheduler, keep_kernel_choice, load_scheduler_position
+from dist_train.parallel import build_strategy
 from dist_train.preemption import STOPPED_MARKER, StopRequest
-from dist_train.tasks import LossFn, Task, build_task
+from dist_train.run import Run, UserParts, build_trainable, forward_backward
+from dist_train.tasks import Task, build_task
 
 
 class NonFiniteLossError(UserError):
@@ -63,117 +59,6 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     stopped_by: str | None = None  # the signal that ended the run early, after a checkpoint
-
-
-@dataclass
-class UserParts:
-    """What dist_train.fit was handed as Python objects; each wins over its name in the config."""
-
-    model: nn.Module | None = None
-    datasets: Datasets | None = None
-    loss: LossFn | None = None
-
-
-@dataclass
-class Run:
-    """What a run is made of. The loop takes every part from here by name."""
-
-    cfg: Config
-    env: DistEnv
-    model: nn.Module  # as wrapped by the strategy
-    strategy: Strategy
-    optimizer: torch.optim.Optimizer
-    scheduler: LRScheduler
-    scaler: torch.amp.GradScaler
-    data: DataPipeline
-    task: Task
-    logger: RunLogger
-    save: Callable[[int], Path] | None  # None: a tool that trains without checkpoints (find-lr)
-    stop: StopRequest | None
-    channels_last: bool = False  # inputs go to the device in the layout the model was given
-
-    def train_mode(self) -> None:
-        finetune.train_mode(self.model, self.cfg.model)
-
-    def autocast(self) -> ContextManager:
-        """Mixed precision around the forward: autocast, or nothing where the strategy casts."""
-        if self.strategy.handles_precision:
-            return contextlib.nullcontext()
-        return autocast(self.cfg.train.precision, self.env.device)
-
-    def inputs_to_device(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Inputs on the device as the model takes them (layout; uint8 images normalized there)."""
-        layout = torch.channels_last if self.channels_last else torch.preserve_format
-        return self.data.inputs_to_device(inputs, memory_format=layout)
-
-
-def forward_backward(run: Run, amp: ContextManager, sync: bool = True) -> tuple[torch.Tensor, float]:
-    """One optimizer step's micro-batches through forward and backward, gradients all-reduced
-    on the last (sync=False: on none, for a trial that must not leave a rank in a collective).
-    Returns the step's loss (the sum of the micro-batch means, left on the device) and the
-    seconds spent waiting for data."""
-    accum, device, data_wait = run.cfg.train.grad_accum_steps, run.env.device, 0.0
-    micro_losses = []
-    for micro in range(accum):
-        fetch_start = time.perf_counter()
-        inputs, targets = run.data.train.next_micro_batch()
-        data_wait += time.perf_counter() - fetch_start
-        inputs = run.inputs_to_device(inputs)
-        targets = targets.to(device, non_blocking=True)
-        # Gradients are all-reduced only on the last micro-batch of the step.
-        with run.strategy.gradient_sync(run.model, enabled=sync and micro == accum - 1):
-            with amp:
-                loss = run.task.loss(run.model, inputs, targets)
-            # Each micro-batch loss is a mean over an equal-sized micro-batch, so dividing by
-            # the accumulation count makes the summed gradient that of one big batch.
-            run.scaler.scale(loss / accum if accum > 1 else loss).backward()
-        micro_losses.append(loss.detach())
-    return (micro_losses[0] if accum == 1 else torch.stack(micro_losses).sum()), data_wait
-
-
-def autocast(precision: str, device: torch.device) -> ContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@dataclass
-class Trainable:
-    """The model as the strategy wrapped it and the optimizer over its trainable parameters."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    fused: bool  # the optimizer's kernel choice, kept over a checkpoint's on resume
-    channels_last: bool
-    notes: list[str]  # what fine-tuning did, for the log
-
-
-def build_trainable(
-    cfg: Config,
-    env: DistEnv,
-    strategy: Strategy,
-    data: DataPipeline,
-    user_model: nn.Module | None = None,
-    resuming: bool = False,
-) -> Trainable:
-    """The model from model.name (or the user's object, given rank 0's weights), fine-tuning
-    applied, laid out and wrapped by the strategy; then its optimizer. The same for training,
-    the LR range test and the batch-size search. Call after seeding: the weights draw on it."""
-    if user_model is None:
-        model = build_model(cfg.model, data.spec).to(env.device)
-    else:  # built by the user's script on each rank, maybe from different random states
-        model = user_model.to(env.device)
-        broadcast_module(model)
-    notes = finetune.prepare_model(model, cfg.model, resuming=resuming)
-    channels_last = use_channels_last(
-        cfg.train.channels_last, env.device, data.spec.input_shape, sharded=strategy.name == "fsdp"
-    )
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = strategy.wrap(prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.train.compile))
-    offloaded = strategy.name == "fsdp" and cfg.parallel.cpu_offload
-    fused = use_fused(cfg.optim.fused, env.device, cpu_offload=offloaded)
-    return Trainable(model, build_optimizer(cfg.optim, model, fused), fused, channels_last, notes)
 
 
 def train(cfg: Config, parts: UserParts | None = None) -> TrainResult:
@@ -194,7 +79,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     resume_mode = cfg.checkpoint.resume
     if resume_mode == "never" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume_mode = "auto"  # torchrun restarted this very run after a failure: continue it
-    resume_from = _on_rank0(env, lambda: checkpoint.resolve_resume(resume_mode, checkpoint_root))
+    resume_from = on_rank0(env, lambda: checkpoint.resolve_resume(resume_mode, checkpoint_root))
 
     state, user_cfg = None, cfg  # checkpoints record the config as given, cfg what runs
     if resume_from is not None:
@@ -248,7 +133,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         return RunLogger(cfg, run_dir, True, wandb_run_id, start_step, last_step)
 
-    logger = _on_rank0(env, open_run_dir, share=False) or RunLogger(cfg, run_dir, False, wandb_run_id, 0, 0)
+    logger = on_rank0(env, open_run_dir, share=False) or RunLogger(cfg, run_dir, False, wandb_run_id, 0, 0)
     failed = True
     try:
         if state is not None:
@@ -325,26 +210,6 @@ def _make_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the run directory {path} (run.output_dir/run.name): {exc.strerror}") from None
-
-
-def _on_rank0(env: DistEnv, decide, share: bool = True):
-    """Run `decide` on rank 0 only; every rank learns whether it failed, so none is left waiting
-    in a collective. With share=True every rank also gets its result; otherwise others get None."""
-    outcome: tuple[str, Any] = ("ok", None)
-    failure: BaseException | None = None
-    if env.is_main:
-        try:
-            value = decide()
-            outcome = ("ok", value if share else None)
-        except Exception as exc:  # noqa: BLE001 - re-raised below on rank 0, reported on the others
-            failure = exc
-            outcome = ("error", str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}")
-    kind, shared = broadcast_object(outcome)
-    if failure is not None:
-        raise failure
-    if kind == "error":
-        raise UserError(shared)
-    return value if env.is_main and not share else shared
 
 
 def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:

@@ -15,8 +15,8 @@ from dist_train.data import DataPipeline
 from dist_train.distributed import DistEnv, set_cuda_math
 from dist_train.logger import RunLogger
 from dist_train.parallel import Strategy, build_strategy
+from dist_train.run import Run, Trainable
 from dist_train.tasks import Task
-from dist_train.trainer import Run, Trainable
 
 
 def tool_strategy(cfg: Config, env: DistEnv) -> Strategy:
