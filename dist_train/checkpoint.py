@@ -267,8 +267,12 @@ def load_rng_state(path: Path, rank: int) -> dict[str, Any]:
 
 # What must not change between the run that wrote a checkpoint and the run resuming it.
 # parallel.strategy may change: model and optimizer state are stored by parameter name.
-# model.freeze and optim.lr_multipliers fix the optimizer's parameter groups.
-RESUME_INVARIANTS = ("data.dataset", "model.name", "optim.name", "train.loss", "model.freeze", "optim.lr_multipliers")
+# model.freeze and optim.lr_multipliers fix the optimizer's parameter groups; prune.sparsity
+# and prune.schedule the masks, rebuilt on resume from the weights' zeros.
+RESUME_INVARIANTS = (
+    *("data.dataset", "model.name", "optim.name", "train.loss", "model.freeze", "optim.lr_multipliers"),
+    *("prune.sparsity", "prune.schedule"),
+)
 
 
 def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> Config:
@@ -278,7 +282,7 @@ def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source
     defaults = to_dict(Config())  # for keys added after the checkpoint was written
     for key in RESUME_INVARIANTS:
         section, name = key.split(".")
-        before = saved[section].get(name, defaults[section][name])
+        before = saved.get(section, {}).get(name, defaults[section][name])  # sections added later too
         if before != current[section][name]:
             raise CheckpointError(
                 f"checkpoint {source} was written with {key}={before}, this run has "

@@ -211,6 +211,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class PruneConfig:
+    # Fraction of the Linear/Conv weights set to zero by global magnitude (dist-train prune) and
+    # kept zero after every optimizer step; null: no pruning. Biases and norms are never pruned.
+    sparsity: float | None = None
+    # oneshot: every zero at the start; gradual: s_t = sparsity * (1 - (1 - t/n)^3) (Zhu & Gupta)
+    # from start_step to end_step (null: the run's last step).
+    schedule: Literal["oneshot", "gradual"] = "oneshot"
+    start_step: int = 0
+    end_step: int | None = None
+
+
+@dataclass
 class WandbConfig:
     mode: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "dist_train"
@@ -236,6 +248,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -647,6 +660,16 @@ def validate(cfg: Config) -> None:
     )
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
     require(bool(cfg.checkpoint.resume), "checkpoint.resume", "must be auto, never or a checkpoint path")
+    prune = cfg.prune
+    require(
+        prune.sparsity is None or 0 < prune.sparsity < 1, "prune.sparsity", f"must be in (0, 1), got {prune.sparsity}"
+    )
+    require(prune.start_step >= 0, "prune.start_step", f"must be >= 0, got {prune.start_step}")
+    require(
+        prune.end_step is None or prune.end_step > prune.start_step,
+        "prune.end_step",
+        f"must be > prune.start_step ({prune.start_step}), got {prune.end_step}",
+    )
 
 
 def check_device(cfg: Config, cuda_available: bool) -> None:

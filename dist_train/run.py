@@ -8,7 +8,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from dist_train.models import build_model
 from dist_train.optim import build_optimizer, use_fused
 from dist_train.parallel import Strategy, prepare_blocks
 from dist_train.preemption import StopRequest
+from dist_train.prune import NoSparsity, Sparsity
 from dist_train.tasks import LossFn, Task
 
 
@@ -53,6 +54,7 @@ class Run:
     save: Callable[[int], Path] | None  # None: a tool that trains without checkpoints (find-lr)
     stop: StopRequest | None
     channels_last: bool = False  # inputs go to the device in the layout the model was given
+    sparsity: NoSparsity | Sparsity = field(default_factory=NoSparsity)  # masks kept after each step
 
     def train_mode(self) -> None:
         finetune.train_mode(self.model, self.cfg.model)

@@ -45,6 +45,7 @@ from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.optim import build_scheduler, keep_kernel_choice, load_scheduler_position
 from dist_train.parallel import build_strategy
 from dist_train.preemption import STOPPED_MARKER, StopRequest
+from dist_train.prune import build_sparsity
 from dist_train.run import Run, UserParts, build_trainable, forward_backward
 from dist_train.tasks import Task, build_task
 
@@ -121,6 +122,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             seed_everything(hash((cfg.run.seed, env.rank, start_step)) % 2**31)
         else:
             checkpoint.set_rng_state(checkpoint.load_rng_state(resume_from, env.rank))
+    sparsity = build_sparsity(cfg, strategy.unwrap(model), start_step, last_step)  # weights final by now
     wandb_run_id = broadcast_object(wandb_run_id)
 
     def open_run_dir() -> RunLogger:
@@ -140,7 +142,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
             if world_change:
                 logger.message(world_change)
-        for line in trainable.notes:
+        for line in trainable.notes + sparsity.notes:
             logger.message(line)
         settings = [strategy.name, cfg.train.precision]
         settings += ["channels_last"] if channels_last else []
@@ -173,6 +175,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             run = Run(
                 cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, save, stop, channels_last
             )
+            run.sparsity = sparsity
             try:
                 result = _fit(run, start_step, last_step)
             except (RuntimeError, dist.DistError) as exc:
@@ -280,6 +283,7 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
         scaler.update()
         strategy.zero_grad(optimizer)
         scheduler.step()  # once per optimizer step, never per micro-batch
+        run.sparsity.after_step(step)  # pruned weights back to zero (a no-op unless prune.sparsity)
         steps_in_interval += 1
 
         if log_now:

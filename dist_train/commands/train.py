@@ -6,7 +6,7 @@ import argparse
 import os
 
 from dist_train.commands.launch import add_launch_flags, launched
-from dist_train.config import load_config
+from dist_train.config import Config, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # validated before any worker starts
     if args.nproc_per_node is not None:
         return launched(args, cfg, "train", [args.config, *args.overrides])
+    return fit_here(cfg)
+
+
+def fit_here(cfg: Config) -> int:
+    """Train `cfg` in this process; the exit code (preempted: the requeue code, unless torchrun reports it)."""
     from dist_train.api import fit
     from dist_train.preemption import PREEMPTED_EXIT_CODE
 

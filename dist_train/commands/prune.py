@@ -1,0 +1,53 @@
+"""`dist-train prune RUN_DIR --sparsity 0.5 [--schedule oneshot|gradual] [--out-name NAME] [key=value ...]`:
+a trained run's smallest weights set to zero (global magnitude, dist_train/prune.py) and fine-tuned
+into a new run, in this process or on torchrun's workers (--nproc-per-node). The source run is
+only read: the new run starts from its newest valid checkpoint through model.init_from."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dist_train.commands.launch import add_launch_flags, launched
+from dist_train.commands.train import fit_here
+from dist_train.config import Config, UserError, load_config
+from dist_train.export import weights_checkpoint
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "prune", help="zero a trained run's smallest weights (global magnitude) and fine-tune them into a new run"
+    )
+    parser.add_argument("run_dir", help="a trained run directory, e.g. runs/digits (only read)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="on top of the run's config.yaml, e.g. train.max_steps=200"
+    )
+    parser.add_argument("--sparsity", type=float, required=True, help="fraction of Linear/Conv weights set to zero")
+    parser.add_argument("--schedule", default="oneshot", choices=["oneshot", "gradual"])
+    parser.add_argument("--out-name", default=None, help="the new run's run.name (default: NAME-pruned-SPARSITY)")
+    add_launch_flags(parser, default_nproc=None)
+
+
+def prune_config(run_dir: Path, sparsity: float, schedule: str, out_name: str | None, overrides: list[str]) -> Config:
+    """The pruned run's config: the source run's, starting from its newest valid checkpoint
+    (recorded as model.init_from), with the user's overrides last. Checks all before anything runs."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    source = weights_checkpoint(run_dir).resolve()
+    name = out_name or f"{load_config(config_file).run.name}-pruned-{sparsity:g}"
+    ours = [f"model.init_from={source}", f"prune.sparsity={sparsity!r}", f"prune.schedule={schedule}"]
+    cfg = load_config(config_file, [*ours, f"run.name={name}", *overrides])
+    if cfg.run_dir.resolve() == run_dir.resolve():
+        raise UserError(f"the pruned run would overwrite its source {run_dir}; give another --out-name")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    cfg = prune_config(run_dir, args.sparsity, args.schedule, args.out_name, args.overrides)
+    if args.nproc_per_node is not None:
+        flags = ["--sparsity", repr(args.sparsity), "--schedule", args.schedule]
+        flags += [] if args.out_name is None else ["--out-name", args.out_name]
+        return launched(args, cfg, "prune", [str(run_dir), *flags, *args.overrides])
+    return fit_here(cfg)
