@@ -138,3 +138,19 @@ class _Aborting(nn.Module):
 
 def aborting(num_classes: int, input_shape: tuple[int, int, int], env_file: str) -> nn.Module:
     return _Aborting(num_classes, input_shape, env_file)
+
+
+class _NoLayers(nn.Module):
+    """A linear classifier as a bare matrix: no Linear or Conv layer for pruning to find."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.matrix = nn.Parameter(torch.randn(c * h * w, num_classes) * 0.01)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.matrix
+
+
+def no_layers(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    return _NoLayers(num_classes, input_shape)

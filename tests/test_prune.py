@@ -1,0 +1,154 @@
+"""Pruning (dist-train prune, prune.*): global magnitude masks on a trained digits run, kept
+through fine-tuning, checkpoints, resume and export; the cubic gradual schedule; the mistakes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, tiny_overrides
+
+from dist_train import checkpoint
+from dist_train.cli import main
+from dist_train.export import export
+
+SOURCE_STEPS = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as cli_env gives subprocesses: the models are tiny, the machine busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _overrides(root: Path, **extra: object) -> list[str]:
+    return tiny_overrides(root, **{"schedule.warmup_steps": 0, "checkpoint.keep_last": 10, **extra})
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A short digits run: the weights every test prunes."""
+    root = tmp_path_factory.mktemp("prune")
+    assert (
+        main(["train", str(REPO / "configs/digits.yaml"), *_overrides(root, **{"train.max_steps": SOURCE_STEPS})]) == 0
+    )
+    return root / "runs" / "digits"
+
+
+def _hashes(run_dir: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in run_dir.rglob("*")
+        if p.is_file()
+    }
+
+
+def _prune(source: Path, *args: str) -> int:
+    return main(["prune", str(source), *args])
+
+
+def _weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The prunable tensors of the seed CNN: every Linear/Conv weight (it has no norm layers)."""
+    return {name: t for name, t in state.items() if name.endswith(".weight") and t.dim() >= 2}
+
+
+def _zeros(path: Path) -> torch.Tensor:
+    """Where the checkpoint's prunable weights are zero, as one flat mask over all of them."""
+    return torch.cat([(t == 0).flatten() for t in _weights(checkpoint.read_full_state(path)).values()])
+
+
+@pytest.fixture(scope="module")
+def pruned(source) -> Path:
+    """The source pruned to 50% at once and fine-tuned 6 steps (checkpoints at 3 and 6)."""
+    before = _hashes(source)
+    assert _prune(source, "--sparsity", "0.5", "train.max_steps=6") == 0
+    assert _hashes(source) == before  # the source run is only read
+    return source.parent / "digits-pruned-0.5"
+
+
+def test_oneshot_zeros_half_the_weights_globally_and_keeps_them_zero(source, pruned, tmp_path):
+    start = _weights(checkpoint.read_full_state(checkpoint.step_dir(source / "checkpoints", SOURCE_STEPS)))
+    magnitudes = torch.cat([t.abs().flatten() for t in start.values()])
+    total = magnitudes.numel()
+    at_3, at_6 = (_zeros(checkpoint.step_dir(pruned / "checkpoints", step)) for step in (3, 6))
+    assert int(at_3.sum()) == int(at_6.sum()) == total // 2  # exactly half of all 21,150 weights
+    assert torch.equal(at_3, at_6)  # the pruned weights stayed zero while the rest trained
+    # Global, not per layer: every pruned source weight is smaller than every kept one, and the
+    # layers lose different fractions.
+    assert magnitudes[at_6].max() <= magnitudes[~at_6].min()
+    fractions = [
+        float((t == 0).float().mean())
+        for t in _weights(checkpoint.read_full_state(checkpoint.step_dir(pruned / "checkpoints", 6))).values()
+    ]
+    assert max(fractions) - min(fractions) > 0.1, fractions
+    final = checkpoint.read_full_state(checkpoint.step_dir(pruned / "checkpoints", 6))
+    assert all(int((t == 0).sum()) == 0 for name, t in final.items() if name.endswith(".bias"))  # biases untouched
+    kept = torch.cat([t.flatten() for t in _weights(final).values()])[~at_6]
+    assert not torch.equal(kept, torch.cat([t.flatten() for t in start.values()])[~at_6])  # fine-tuning moved them
+    # The new run records where it came from.
+    recorded = yaml.safe_load((pruned / "config.yaml").read_text())
+    assert recorded["model"]["init_from"] == str((source / "checkpoints" / f"step_{SOURCE_STEPS:08d}").resolve())
+    assert recorded["prune"]["sparsity"] == 0.5 and recorded["prune"]["schedule"] == "oneshot"
+    # Exported weights are the masked weights.
+    export(pruned, tmp_path / "pruned.safetensors")
+    from safetensors.torch import load_file
+
+    exported = _weights(load_file(str(tmp_path / "pruned.safetensors")))
+    assert exported.keys() == _weights(final).keys()
+    assert all(torch.equal(exported[name] == 0, t == 0) for name, t in _weights(final).items())
+
+
+def test_gradual_sparsity_follows_the_cubic_schedule(source):
+    steps = 8
+    args = ["--sparsity", "0.6", "--schedule", "gradual", "--out-name", "gradual"]
+    assert _prune(source, *args, f"train.max_steps={steps}", "checkpoint.every_steps=2") == 0
+    zeros = {
+        step: _zeros(checkpoint.step_dir(source.parent / "gradual" / "checkpoints", step)) for step in (2, 4, 6, 8)
+    }
+    total = zeros[2].numel()
+    for step, mask in zeros.items():
+        assert int(mask.sum()) == round(0.6 * (1 - (1 - step / steps) ** 3) * total), step
+    for earlier, later in ((2, 4), (4, 6), (6, 8)):
+        assert not (zeros[earlier] & ~zeros[later]).any()  # once pruned, pruned for good
+
+
+def test_a_pruned_run_resumes_bit_for_bit(source, pruned):
+    args = ["--sparsity", "0.5", "--out-name", "resumed", "train.max_steps=6"]
+    assert _prune(source, *args, "train.stop_at_step=3") == 0
+    assert _prune(source, *args) == 0  # continues from step 3: masks rebuilt from the weights' zeros
+    resumed = checkpoint.step_dir(source.parent / "resumed" / "checkpoints", 6)
+    uninterrupted = checkpoint.step_dir(pruned / "checkpoints", 6)
+    for prefix in ("model", "optim"):
+        a, b = checkpoint.read_full_state(resumed, prefix), checkpoint.read_full_state(uninterrupted, prefix)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), prefix
+
+
+def test_prune_mistakes_are_one_line_errors_and_write_nothing(source, tmp_path, capsys):
+    before = set(source.parent.iterdir())
+    cases = [
+        ([str(tmp_path), "--sparsity", "0.5"], "is not a run directory (no config.yaml)"),
+        ([str(source), "--sparsity", "1.5"], "prune.sparsity must be in (0, 1), got 1.5"),
+        ([str(source), "--sparsity", "0"], "prune.sparsity must be in (0, 1), got 0.0"),
+        ([str(source), "--sparsity", "0.5", "--out-name", "digits"], "would overwrite its source"),
+    ]
+    for args, message in cases:
+        assert main(["prune", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+    (tmp_path / "config.yaml").write_text((source / "config.yaml").read_text())  # a run that never saved
+    assert main(["prune", str(tmp_path), "--sparsity", "0.5"]) == 2
+    assert "has no valid checkpoint" in capsys.readouterr().err
+    # A model without Linear or Conv layers has nothing to prune: refused before its run directory exists.
+    overrides = _overrides(tmp_path, **{"model.name": "user_models:no_layers", "prune.sparsity": 0.5})
+    assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: prune.sparsity: model user_models:no_layers has no Linear or Conv layer weights to prune"
+    assert not (tmp_path / "runs").exists()
+    assert set(source.parent.iterdir()) == before
