@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, tiny_overrides
+from conftest import REPO, run_cli, tiny_overrides
 
 from dist_train import checkpoint
 from dist_train.cli import main
@@ -152,3 +152,21 @@ def test_prune_mistakes_are_one_line_errors_and_write_nothing(source, tmp_path, 
     assert err == "error: prune.sparsity: model user_models:no_layers has no Linear or Conv layer weights to prune"
     assert not (tmp_path / "runs").exists()
     assert set(source.parent.iterdir()) == before
+
+
+def test_two_fsdp_ranks_prune_as_one_process_with_accumulation(source):
+    """Under FSDP each rank masks its own shard of every weight: 2 gloo ranks under torchrun
+    keep the same zeros and learn the same weights as 1 process with the same global batch."""
+    common = ["--sparsity", "0.5", "train.max_steps=4", "data.augment=false", "data.batch_size=8"]
+    two = run_cli("prune", str(source), *common, "--out-name", "two", "--nproc-per-node", "2", "parallel.strategy=fsdp")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["prune", str(source), *common, "--out-name", "one", "train.grad_accum_steps=2"]) == 0
+    two, one = (
+        checkpoint.read_full_state(checkpoint.step_dir(source.parent / name / "checkpoints", 4))
+        for name in ("two", "one")
+    )
+    for name, weight in _weights(one).items():
+        assert torch.equal(two[name] == 0, weight == 0), name
+        assert int((weight == 0).sum()) > 0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
