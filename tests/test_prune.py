@@ -122,6 +122,8 @@ def test_a_pruned_run_resumes_bit_for_bit(source, pruned):
     args = ["--sparsity", "0.5", "--out-name", "resumed", "train.max_steps=6"]
     assert _prune(source, *args, "train.stop_at_step=3") == 0
     assert _prune(source, *args) == 0  # continues from step 3: masks rebuilt from the weights' zeros
+    recorded = yaml.safe_load((source.parent / "resumed" / "config.yaml").read_text())["model"]["init_from"]
+    assert recorded == str(checkpoint.step_dir(source / "checkpoints", SOURCE_STEPS).resolve())
     resumed = checkpoint.step_dir(source.parent / "resumed" / "checkpoints", 6)
     uninterrupted = checkpoint.step_dir(pruned / "checkpoints", 6)
     for prefix in ("model", "optim"):

@@ -34,13 +34,25 @@ def prune_config(run_dir: Path, sparsity: float, schedule: str, out_name: str | 
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    source = weights_checkpoint(run_dir).resolve()
     name = out_name or f"{load_config(config_file).run.name}-pruned-{sparsity:g}"
-    ours = [f"model.init_from={source}", f"prune.sparsity={sparsity!r}", f"prune.schedule={schedule}"]
-    cfg = load_config(config_file, [*ours, f"run.name={name}", *overrides])
+
+    def ours(source: object) -> list[str]:
+        return [
+            f"model.init_from={source}",
+            f"prune.sparsity={sparsity!r}",
+            f"prune.schedule={schedule}",
+            f"run.name={name}",
+        ]
+
+    cfg = load_config(config_file, [*ours("null"), *overrides])
     if cfg.run_dir.resolve() == run_dir.resolve():
         raise UserError(f"the pruned run would overwrite its source {run_dir}; give another --out-name")
-    return cfg
+    newest = weights_checkpoint(run_dir).resolve()  # the source must hold a valid checkpoint
+    # The same command continues a pruned run: it keeps the source it started from even when
+    # the source has trained on since (on resume the run's own checkpoint wins over init_from).
+    started = cfg.run_dir / "config.yaml"
+    source = load_config(started).model.init_from if started.is_file() else None
+    return load_config(config_file, [*ours(source or newest), *overrides])
 
 
 def run(args: argparse.Namespace) -> int:
