@@ -138,3 +138,8 @@ class _Aborting(nn.Module):
 
 def aborting(num_classes: int, input_shape: tuple[int, int, int], env_file: str) -> nn.Module:
     return _Aborting(num_classes, input_shape, env_file)
+
+
+def conv_only(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    """No Linear layer: a model int8-dynamic and int8-weight-only have nothing to quantize in."""
+    return nn.Sequential(nn.Conv2d(input_shape[0], num_classes, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
