@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from dist_train import checkpoint, compress_report
 from dist_train.checkpoint_eval import build_parts, check_out, eval_config
@@ -95,8 +96,16 @@ def quantize(
             original_file = scratch / "model.safetensors"
             save_model(model, str(original_file))
         calibration = [parts.to_device(parts.data.train.next_micro_batch()[0]) for _ in range(calibration_batches)]
-        torch.export.save(_program(copy.deepcopy(model), None, example, calibration), str(scratch / PROGRAM))
-        torch.export.save(_program(copy.deepcopy(model), method, example, calibration), str(staging / PROGRAM))
+        try:
+            fp32_program = _program(copy.deepcopy(model), None, example, calibration)
+            program = _program(copy.deepcopy(model), method, example, calibration)
+        except (torch._dynamo.exc.UserError, GuardOnDataDependentSymNode) as exc:  # torch.export's refusals
+            # The saved form is a torch.export program: a model it cannot trace (data-dependent
+            # control flow) is refused in one line, not a trace.
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"torch.export cannot trace model.name={cfg.model.name}: {first}") from exc
+        torch.export.save(fp32_program, str(scratch / PROGRAM))
+        torch.export.save(program, str(staging / PROGRAM))
         recipe = {
             "method": method,
             "source": str(source),

@@ -96,7 +96,7 @@ def test_a_result_losing_too_much_accuracy_is_flagged_and_written_only_with_forc
 
 def test_bad_inputs_are_one_line_and_write_nothing(digits_run, tmp_path):
     import safetensors.torch
-    from user_models import conv_only
+    from user_models import conv_only, data_dependent
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
@@ -110,11 +110,17 @@ def test_bad_inputs_are_one_line_and_write_nothing(digits_run, tmp_path):
         ([str(digits_run), "--method", "int8-dynamic", "--out", str(tmp_path / "full")], "not an empty folder"),
         ([str(tmp_path / "empty_run"), "--method", "int8-dynamic", "--out", str(tmp_path / "o")], "no valid"),
     ]
+    safetensors.torch.save_model(data_dependent(10, (1, 8, 8)), str(tmp_path / "branchy.safetensors"))
+    (tmp_path / "branchy.yaml").write_text(
+        (digits_run / "config.yaml").read_text().replace("name: seed_cnn", "name: user_models:data_dependent")
+    )
     before = sorted(p.name for p in tmp_path.iterdir())
     # In this process: user_models is importable here (the CLI's interpreter has no tests/ on its path).
     conv, conv_config = tmp_path / "conv.safetensors", tmp_path / "conv.yaml"
     with pytest.raises(UserError, match=r"^--method int8-dynamic: model.name=user_models:conv_only has no Linear"):
         quantize(conv, "int8-dynamic", tmp_path / "o", config=conv_config)
+    with pytest.raises(UserError, match=r"^torch.export cannot trace model.name=user_models:data_dependent: "):
+        quantize(tmp_path / "branchy.safetensors", "int8-dynamic", tmp_path / "o", config=tmp_path / "branchy.yaml")
     with pytest.raises(UserError, match=r"conv.safetensors: a safetensors file needs --config"):
         quantize(conv, "int8-dynamic", tmp_path / "o")
     with pytest.raises(UserError, match=r"^--method must be one of int8-dynamic, int8-weight-only, int8-static"):
