@@ -206,7 +206,15 @@ def _program(
 
         quantizer = x86.X86InductorQuantizer()
         quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(torch.export.export(model, (example,), dynamic_shapes=shapes).module(), quantizer)
+        captured = torch.export.export(model, (example,), dynamic_shapes=shapes).module()
+        try:
+            prepared = prepare_pt2e(captured, quantizer)
+        except ValueError as exc:
+            # Seen with torchao 0.18 on torch 2.14: the quantizer's conv + add + relu pattern
+            # (ResNet's residual blocks) fails to annotate. One line, and the other methods remain.
+            raise UserError(
+                f"--method int8-static: torchao's X86InductorQuantizer cannot annotate this model ({exc})"
+            ) from exc
         with torch.no_grad():
             for inputs in calibration:  # observers record activation ranges
                 prepared(inputs)
