@@ -25,6 +25,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,6 +66,8 @@ def quantize(
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if calibration_batches < 1:
         raise UserError(f"--calibration-batches must be at least 1, got {calibration_batches}")
+    if timing_runs < 1:
+        raise UserError(f"--timing-runs must be at least 1, got {timing_runs}")
     check_out(out)
     cfg, load, original_file = _source(source, config, list(overrides))
     # On the CPU and in fp32, whatever the run trained with: the report is about CPU inference.
@@ -166,7 +169,9 @@ def _load_program(path: Path) -> nn.Module:
     return allow_exported_model_train_eval(torch.export.load(str(path)).module())
 
 
-def _source(source: Path, config: Path | None, overrides: list[str]) -> tuple[Config, object, Path | None]:
+def _source(
+    source: Path, config: Path | None, overrides: list[str]
+) -> tuple[Config, Callable[[nn.Module], None], Path | None]:
     """The config, a function filling the model's weights, and the file holding them (None: a
     checkpoint directory, measured as an fp32 safetensors export)."""
     if source.suffix == ".safetensors":

@@ -125,6 +125,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(digits_run, tmp_path):
         quantize(conv, "int8-dynamic", tmp_path / "o")
     with pytest.raises(UserError, match=r"^--method must be one of int8-dynamic, int8-weight-only, int8-static"):
         quantize(digits_run, "int4", tmp_path / "o")
+    with pytest.raises(UserError, match=r"^--timing-runs must be at least 1, got 0$"):
+        quantize(digits_run, "int8-dynamic", tmp_path / "o", timing_runs=0)
     for args, message in cases:
         done = run_cli("quantize", *args, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
