@@ -88,6 +88,7 @@ def quantize(
             raise UserError(f"quantize reports accuracy, and train.metrics of this run has no acc: {sorted(metrics)}")
         return metrics["val_acc"]
 
+    made = [d for d in out.absolute().parents if not d.exists()]  # removed again unless --out is written
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -150,6 +151,9 @@ def quantize(
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not out.exists():
+            for d in made:  # innermost first
+                d.rmdir()
 
 
 def load_quantized(directory: Path) -> nn.Module:

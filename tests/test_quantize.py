@@ -85,8 +85,8 @@ def test_quantize_writes_a_loadable_model_and_a_report_with_its_true_numbers(dig
 def test_a_result_losing_too_much_accuracy_is_flagged_and_written_only_with_force(digits_run, tmp_path, capsys):
     out = tmp_path / "q"
     # A negative allowance flags any result that does not gain accuracy; the original never is.
-    with pytest.raises(UserError, match="nothing written"):
-        quantize(digits_run, "int8-weight-only", out, timing_runs=1, max_accuracy_drop=-1)
+    with pytest.raises(UserError, match="nothing written"):  # not even the folders --out would be in
+        quantize(digits_run, "int8-weight-only", tmp_path / "a" / "b" / "q", timing_runs=1, max_accuracy_drop=-1)
     assert "drop > -1" in capsys.readouterr().out
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
     report = quantize(digits_run, "int8-weight-only", out, timing_runs=1, max_accuracy_drop=-1, force=True)
