@@ -16,15 +16,17 @@ import contextlib
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from dist_train import checkpoint
 from dist_train.config import Config, UserError, check_device, load_config
 from dist_train.data import build_pipeline
-from dist_train.data.loader import load_datasets
+from dist_train.data.loader import DataPipeline, load_datasets
 from dist_train.distributed import DistEnv, on_rank0, process_group, read_env, seed_everything, set_cuda_math
 from dist_train.export import weights_checkpoint
 from dist_train.parallel import SingleProcess, build_strategy
@@ -117,6 +119,33 @@ def _run_eval(
         return source, found, _out_dir(run_dir, out, split, found)
 
     source, found_step, out_dir = on_rank0(env, locate)  # one rank hashes the checkpoint
+    parts = build_parts(cfg, env, split, lambda model: checkpoint.load_model(source, model))
+    tag = f"step_{found_step:08d}"  # the confusion matrix's file name, as training names it
+    values = parts.evaluate(parts.model, (out_dir, tag) if env.is_main else None)
+    # Named for the split evaluated: val_acc for val, train_acc for train.
+    metrics = {re.sub(r"^val_", f"{split}_", name): value for name, value in values.items()}
+    samples = len(parts.data.val_loader.loader.dataset)
+    result = EvalResult(source, found_step, split, samples, metrics, out_dir if env.is_main else None)
+    if env.is_main:
+        _report(result, overrides, env.world_size)
+    return result
+
+
+@dataclass
+class EvalParts:
+    """What evaluating a run's model takes, rebuilt from its config as training built it."""
+
+    model: nn.Module  # the strategy's unwrapped model, weights loaded
+    data: DataPipeline
+    to_device: Callable[[torch.Tensor], torch.Tensor]  # a loader's inputs as the model takes them
+    # evaluate(model, save_to): the trainer's evaluate over the split with this run's task,
+    # input layout and precision; any model taking the same inputs (a quantized copy) fits.
+    evaluate: Callable[[nn.Module, tuple[Path, str] | None], dict[str, float]]
+
+
+def build_parts(cfg: Config, env: DistEnv, split: str, load: Callable[[nn.Module], None]) -> EvalParts:
+    """The data and the model of `cfg` with `load(model)` filling its weights (a checkpoint or
+    an exported file), and the evaluation that eval and quantize share."""
     # A replica needs no DDP: its hooks serve gradients, and evaluation has none.
     sharded = cfg.parallel.strategy == "fsdp"
     strategy = build_strategy(cfg.parallel, env, cfg.train.precision) if sharded else SingleProcess()
@@ -132,28 +161,19 @@ def _run_eval(
     named = f"data.dataset={cfg.data.dataset}"
     data = build_pipeline(data_cfg, env, cfg.train.grad_accum_steps, cfg.run.seed, datasets, named)
     trainable = build_trainable(cfg, env, strategy, data, resuming=True)  # resuming: init_from is not read
-    checkpoint.load_model(source, trainable.model)
+    load(trainable.model)
     layout = torch.channels_last if trainable.channels_last else torch.preserve_format
     # As Run.autocast: FSDP's mixed precision casts by itself, otherwise autocast.
     amp = contextlib.nullcontext() if strategy.handles_precision else autocast(cfg.train.precision, env.device)
-    tag = f"step_{found_step:08d}"  # the confusion matrix's file name, as training names it
-    values = evaluate(
-        strategy.unwrap(trainable.model),
-        build_task(cfg.train),
-        data.val_loader,
-        lambda inputs: data.inputs_to_device(inputs, memory_format=layout),
-        env.device,
-        amp,
-        cfg.train.eval_batches,
-        (out_dir, tag) if env.is_main else None,
-    )
-    # Named for the split evaluated: val_acc for val, train_acc for train.
-    metrics = {re.sub(r"^val_", f"{split}_", name): value for name, value in values.items()}
-    samples = len(data.val_loader.loader.dataset)
-    result = EvalResult(source, found_step, split, samples, metrics, out_dir if env.is_main else None)
-    if env.is_main:
-        _report(result, overrides, env.world_size)
-    return result
+    task = build_task(cfg.train)
+
+    def to_device(inputs: torch.Tensor) -> torch.Tensor:
+        return data.inputs_to_device(inputs, memory_format=layout)
+
+    def run(model: nn.Module, save_to: tuple[Path, str] | None) -> dict[str, float]:
+        return evaluate(model, task, data.val_loader, to_device, env.device, amp, cfg.train.eval_batches, save_to)
+
+    return EvalParts(strategy.unwrap(trainable.model), data, to_device, run)
 
 
 def _report(result: EvalResult, overrides: list[str], world_size: int) -> None:

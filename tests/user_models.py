@@ -154,3 +154,23 @@ class _NoLayers(nn.Module):
 
 def no_layers(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
     return _NoLayers(num_classes, input_shape)
+
+
+def conv_only(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    """No Linear layer: a model int8-dynamic and int8-weight-only have nothing to quantize in."""
+    return nn.Sequential(nn.Conv2d(input_shape[0], num_classes, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class _DataDependent(nn.Module):
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.linear = nn.Linear(c * h * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x.flatten(1))
+        return out if out.sum() > 0 else -out  # a branch on values: torch.export cannot trace it
+
+
+def data_dependent(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    return _DataDependent(num_classes, input_shape)

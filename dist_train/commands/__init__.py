@@ -6,7 +6,7 @@ flags too (see launch.add_launch_flags): given `--nproc-per-node`, the verb star
 that many workers through torchrun, exactly as `dist-train launch` starts `train`.
 """
 
-from dist_train.commands import evaluate, export, find_batch, find_lr, launch, prune, report, train
+from dist_train.commands import evaluate, export, find_batch, find_lr, launch, prune, quantize, report, train
 
 # In the order `dist-train --help` lists them.
 VERBS = {
@@ -18,4 +18,5 @@ VERBS = {
     "find-lr": find_lr,
     "find-batch": find_batch,
     "prune": prune,
+    "quantize": quantize,
 }
