@@ -160,3 +160,30 @@ def write(report: Report, directory: Path) -> None:
 
 def _size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.2f} MiB"
+
+
+def cpu_validation(cfg, load: Callable[[nn.Module], None]) -> tuple[nn.Module, Validation, object]:
+    """The run's model (weights filled by `load`) in one CPU process and fp32, and the Validation
+    every candidate is measured with: the report is about CPU inference, whatever the run trained
+    with. Returns (model in eval mode, validation, the eval parts: data and evaluation)."""
+    import dataclasses
+
+    from dist_train.checkpoint_eval import build_parts
+    from dist_train.config import UserError
+    from dist_train.distributed import DistEnv
+
+    train = dataclasses.replace(cfg.train, eval_batches=None, precision="fp32", channels_last=False)
+    # One process holds the whole model, whatever strategy trained it (DCP reads any sharding).
+    parallel = dataclasses.replace(cfg.parallel, strategy="none")
+    cfg = dataclasses.replace(cfg, train=train, parallel=parallel)
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    parts = build_parts(cfg, env, "val", load)
+    example = parts.to_device(next(iter(parts.data.val_loader))[0])
+
+    def accuracy(candidate: nn.Module) -> float:
+        metrics = parts.evaluate(candidate, None)
+        if "val_acc" not in metrics:
+            raise UserError(f"the report needs accuracy, and train.metrics of this run has no acc: {sorted(metrics)}")
+        return metrics["val_acc"]
+
+    return parts.model.eval(), Validation(accuracy, example), parts

@@ -11,6 +11,8 @@ from then on; with fp32 master weights that has probability ~0 and pruning it co
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -111,3 +113,37 @@ def build_sparsity(cfg: Config, model: nn.Module, start_step: int, last_step: in
     if not weights:
         raise ConfigError(f"prune.sparsity: model {cfg.model.name} has no Linear or Conv layer weights to prune")
     return Sparsity(weights, cfg.prune, start_step, last_step)
+
+
+def write_report(cfg: Config, timing_runs: int = 30, max_accuracy_drop: float = 0.01):
+    """The compression report of a pruned run (compress_report): its source checkpoint (the
+    run's model.init_from) against its newest checkpoint, both exported as safetensors into
+    RUN_DIR/compress/, measured on the CPU; the table is printed and written there. Unstructured
+    zeros keep the file as large and the dense forward as slow: the table shows it."""
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+
+    from dist_train import checkpoint, compress_report
+    from dist_train.export import weights_checkpoint
+
+    source = weights_checkpoint(Path(cfg.model.init_from))
+    pruned = weights_checkpoint(cfg.run_dir)
+    original, validation, _ = compress_report.cpu_validation(cfg, lambda model: checkpoint.load_model(source, model))
+    result = copy.deepcopy(original)
+    checkpoint.load_model(pruned, result)
+    out = cfg.run_dir / "compress"
+    out.mkdir(exist_ok=True)
+    files = {name: out / f"{name}.safetensors" for name in ("source", "pruned")}
+    save_model(original, str(files["source"]))
+    save_model(result, str(files["pruned"]))
+    report = compress_report.compare(
+        (f"source ({source.name})", original, files["source"]),
+        [(f"pruned {cfg.prune.sparsity:g} ({pruned.name})", result, files["pruned"])],
+        validation,
+        max_accuracy_drop,
+        timing_runs,
+    )
+    print(compress_report.table(report), end="")
+    compress_report.write(report, out)
+    return report

@@ -33,9 +33,8 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from dist_train import checkpoint, compress_report
-from dist_train.checkpoint_eval import build_parts, check_out, eval_config
+from dist_train.checkpoint_eval import check_out, eval_config
 from dist_train.config import Config, UserError, load_config
-from dist_train.distributed import DistEnv
 from dist_train.export import weights_checkpoint
 
 METHODS = ("int8-dynamic", "int8-weight-only", "int8-static")
@@ -70,23 +69,11 @@ def quantize(
         raise UserError(f"--timing-runs must be at least 1, got {timing_runs}")
     check_out(out)
     cfg, load, original_file = _source(source, config, list(overrides))
-    # On the CPU and in fp32, whatever the run trained with: the report is about CPU inference.
-    cfg = dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, eval_batches=None, precision="fp32", channels_last=False)
-    )
-    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    parts = build_parts(cfg, env, "val", load)
-    model = parts.model.eval()
+    model, validation, parts = compress_report.cpu_validation(cfg, load)
     if not any(isinstance(m, LAYERS[method]) for m in model.modules()):
         names = " or ".join(t.__name__ for t in LAYERS[method])
         raise UserError(f"--method {method}: model.name={cfg.model.name} has no {names} layer to quantize")
-    example = parts.to_device(next(iter(parts.data.val_loader))[0])
-
-    def accuracy(candidate: nn.Module) -> float:
-        metrics = parts.evaluate(candidate, None)
-        if "val_acc" not in metrics:
-            raise UserError(f"quantize reports accuracy, and train.metrics of this run has no acc: {sorted(metrics)}")
-        return metrics["val_acc"]
+    example = validation.example
 
     made = [d for d in out.absolute().parents if not d.exists()]  # removed again unless --out is written
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +113,7 @@ def quantize(
             ("original (fp32)", model, original_file),
             [("fp32 torch.export", _load_program(scratch / PROGRAM), scratch / PROGRAM)]
             + [(method, load_quantized(staging), staging / PROGRAM)],
-            compress_report.Validation(accuracy, example),
+            validation,
             max_accuracy_drop,
             timing_runs,
         )

@@ -172,3 +172,18 @@ def test_two_fsdp_ranks_prune_as_one_process_with_accumulation(source):
         assert int((weight == 0).sum()) > 0
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_prune_ends_with_the_compression_report(pruned):
+    import json
+
+    report = json.loads((pruned / "compress" / "compress_report.json").read_text())
+    source, result = report["rows"]
+    assert source["sparsity"] < 0.01 and result["sparsity"] >= 0.5  # the seed CNN's weights: all prunable
+    assert result["size_bytes"] == (pruned / "compress" / "pruned.safetensors").stat().st_size
+    assert result["size_ratio"] == 1.0  # unstructured zeros stored dense save nothing on disk
+    assert (
+        set(result["latency_ms"]) == {"1", "32"}
+        and result["accuracy_change"] == result["accuracy"] - source["accuracy"]
+    )
+    assert (pruned / "compress" / "compress_report.md").read_text().count("\n") >= 3

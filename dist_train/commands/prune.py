@@ -6,6 +6,7 @@ only read: the new run starts from its newest valid checkpoint through model.ini
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from dist_train.commands.launch import add_launch_flags, launched
@@ -61,5 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None:
         flags = ["--sparsity", repr(args.sparsity), "--schedule", args.schedule]
         flags += [] if args.out_name is None else ["--out-name", args.out_name]
-        return launched(args, cfg, "prune", [str(run_dir), *flags, *args.overrides])
-    return fit_here(cfg)
+        code = launched(args, cfg, "prune", [str(run_dir), *flags, *args.overrides])
+    else:
+        code = fit_here(cfg)
+    # Once, in the process the user started: not in each of torchrun's workers.
+    if code == 0 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        from dist_train.prune import write_report
+
+        write_report(cfg)
+    return code
