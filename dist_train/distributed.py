@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import gc
 import os
 import random
 import re
@@ -142,6 +143,10 @@ def process_group(timeout_s: float = 1800.0) -> Iterator[DistEnv]:
     try:
         yield DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
         if started_here:
+            # FSDP's states and DDP's reducers sit in reference cycles that hold the group;
+            # freed here, while it lives, rather than by the garbage collector at exit, after
+            # destroy_process_group (a gloo rank aborted there under load).
+            gc.collect()
             # Leave together: gloo can abort a rank ("terminate called without an active
             # exception") whose peer tore its connections down while it was still working.
             dist.barrier()
