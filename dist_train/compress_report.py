@@ -59,6 +59,18 @@ class Report:
         return [row for row in self.rows if row.flagged]
 
 
+def check_options(timing_runs: int, max_accuracy_drop: float) -> None:
+    """The report's options, checked before a command does any work."""
+    from dist_train.config import UserError
+
+    if timing_runs < 1:  # a median of nothing fails deep in statistics
+        raise UserError(f"--timing-runs must be at least 1, got {timing_runs}")
+    # Absolute accuracy: above 1 nothing could be flagged (a percentage by mistake); a negative
+    # allowance demands a gain.
+    if not max_accuracy_drop <= 1:  # NaN too
+        raise UserError(f"--max-accuracy-drop is absolute accuracy, at most 1, got {max_accuracy_drop:g}")
+
+
 def compare(
     original: Candidate, results: list[Candidate], validation: Validation, max_accuracy_drop: float, runs: int = 30
 ) -> Report:

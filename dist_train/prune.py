@@ -16,7 +16,8 @@ import copy
 import torch
 from torch import nn
 
-from dist_train.config import Config, ConfigError, PruneConfig
+from dist_train import compress_report
+from dist_train.config import Config, ConfigError, PruneConfig, UserError
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -115,16 +116,22 @@ def build_sparsity(cfg: Config, model: nn.Module, start_step: int, last_step: in
     return Sparsity(weights, cfg.prune, start_step, last_step)
 
 
-def write_report(cfg: Config, timing_runs: int = 30, max_accuracy_drop: float = 0.01):
+def write_report(
+    cfg: Config, timing_runs: int = 30, max_accuracy_drop: float = 0.01, force: bool = False
+) -> compress_report.Report:
     """The compression report of a pruned run (compress_report): its source checkpoint (the
     run's model.init_from) against its newest checkpoint, both exported as safetensors into
     RUN_DIR/compress/, measured on the CPU; the table is printed and written there. Unstructured
-    zeros keep the file as large and the dense forward as slow: the table shows it."""
+    zeros keep the file as large and the dense forward as slow: the table shows it.
+
+    A pruned model that lost more than max_accuracy_drop is flagged, and its export is removed
+    again unless forced (UserError after the report is written); the run's checkpoints stay, so
+    the same command with more train.max_steps fine-tunes it on."""
     from pathlib import Path
 
     from safetensors.torch import save_model
 
-    from dist_train import checkpoint, compress_report
+    from dist_train import checkpoint
     from dist_train.export import weights_checkpoint
 
     source = weights_checkpoint(Path(cfg.model.init_from))
@@ -146,4 +153,12 @@ def write_report(cfg: Config, timing_runs: int = 30, max_accuracy_drop: float = 
     )
     print(compress_report.table(report), end="")
     compress_report.write(report, out)
+    if report.rows[-1].flagged and not force:
+        files["pruned"].unlink()
+        lost = -report.rows[-1].accuracy_change
+        raise UserError(
+            f"pruned {cfg.prune.sparsity:g} loses {lost:.4f} accuracy, more than --max-accuracy-drop "
+            f"{max_accuracy_drop:g}; {files['pruned']} not written (--force writes it; a larger "
+            "train.max_steps continues the fine-tuning)"
+        )
     return report

@@ -65,8 +65,7 @@ def quantize(
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if calibration_batches < 1:
         raise UserError(f"--calibration-batches must be at least 1, got {calibration_batches}")
-    if timing_runs < 1:
-        raise UserError(f"--timing-runs must be at least 1, got {timing_runs}")
+    compress_report.check_options(timing_runs, max_accuracy_drop)
     check_out(out)
     cfg, load, original_file = _source(source, config, list(overrides))
     model, validation, parts = compress_report.cpu_validation(cfg, load)

@@ -4,6 +4,7 @@ through fine-tuning, checkpoints, resume and export; the cubic gradual schedule;
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -175,8 +176,6 @@ def test_two_fsdp_ranks_prune_as_one_process_with_accumulation(source):
 
 
 def test_a_prune_ends_with_the_compression_report(pruned):
-    import json
-
     report = json.loads((pruned / "compress" / "compress_report.json").read_text())
     source, result = report["rows"]
     assert source["sparsity"] < 0.01 and result["sparsity"] >= 0.5  # the seed CNN's weights: all prunable
@@ -187,3 +186,38 @@ def test_a_prune_ends_with_the_compression_report(pruned):
         and result["accuracy_change"] == result["accuracy"] - source["accuracy"]
     )
     assert (pruned / "compress" / "compress_report.md").read_text().count("\n") >= 3
+
+
+def test_a_pruned_model_that_loses_too_much_is_not_exported_unless_forced(tmp_path, capsys):
+    """95% of a trained model's weights gone and 1 step to recover: it loses accuracy, so with
+    --max-accuracy-drop 0 the export is refused (exit 2, one line) while the report and the
+    run's checkpoints stay; --force then writes it without training again. (The module's
+    12-step source predicts one class: nothing to lose.)"""
+    trained = _overrides(tmp_path, **{"train.max_steps": 100, "run.name": "trained"})
+    assert main(["train", str(REPO / "configs/digits.yaml"), *trained]) == 0
+    source = tmp_path / "runs" / "trained"
+    args = ["--sparsity", "0.95", "--out-name", "gated", "--max-accuracy-drop", "0", "--timing-runs", "1"]
+    assert _prune(source, *args, "train.max_steps=1") == 2
+    err = capsys.readouterr().err.strip()
+    gated = source.parent / "gated"
+    report = json.loads((gated / "compress" / "compress_report.json").read_text())
+    lost = -report["rows"][1]["accuracy_change"]
+    assert lost > 0 and report["rows"][1]["flagged"] and report["max_accuracy_drop"] == 0
+    assert err == (
+        f"error: pruned 0.95 loses {lost:.4f} accuracy, more than --max-accuracy-drop 0; "
+        f"{gated / 'compress' / 'pruned.safetensors'} not written (--force writes it; a larger "
+        "train.max_steps continues the fine-tuning)"
+    )
+    assert not (gated / "compress" / "pruned.safetensors").exists()
+    assert checkpoint.step_dir(gated / "checkpoints", 1).is_dir()
+    steps_before = (gated / "metrics.jsonl").read_text()
+    assert _prune(source, *args, "train.max_steps=1", "--force") == 0
+    assert (gated / "compress" / "pruned.safetensors").is_file()
+    assert (gated / "metrics.jsonl").read_text() == steps_before  # nothing trained again
+    for flag, value, message in [
+        ("--timing-runs", "0", "--timing-runs must be at least 1, got 0"),
+        ("--max-accuracy-drop", "2", "--max-accuracy-drop is absolute accuracy, at most 1, got 2"),
+    ]:
+        assert _prune(source, "--sparsity", "0.5", "--out-name", "never", flag, value) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (source.parent / "never").exists()

@@ -26,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sparsity", type=float, required=True, help="fraction of Linear/Conv weights set to zero")
     parser.add_argument("--schedule", default="oneshot", choices=["oneshot", "gradual"])
     parser.add_argument("--out-name", default=None, help="the new run's run.name (default: NAME-pruned-SPARSITY)")
+    parser.add_argument(
+        "--max-accuracy-drop", type=float, default=0.01, help="a result losing more is not exported (default 0.01)"
+    )
+    parser.add_argument("--force", action="store_true", help="export the result even if it loses more accuracy")
+    parser.add_argument("--timing-runs", type=int, default=30, help="timed forwards per latency in the report (median)")
     add_launch_flags(parser, default_nproc=None)
 
 
@@ -57,6 +62,9 @@ def prune_config(run_dir: Path, sparsity: float, schedule: str, out_name: str | 
 
 
 def run(args: argparse.Namespace) -> int:
+    from dist_train.compress_report import check_options
+
+    check_options(args.timing_runs, args.max_accuracy_drop)
     run_dir = Path(args.run_dir)
     cfg = prune_config(run_dir, args.sparsity, args.schedule, args.out_name, args.overrides)
     if args.nproc_per_node is not None:
@@ -69,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
     if code == 0 and "TORCHELASTIC_RUN_ID" not in os.environ:
         from dist_train.prune import write_report
 
-        write_report(cfg)
+        write_report(cfg, args.timing_runs, args.max_accuracy_drop, args.force)
     return code
