@@ -103,7 +103,7 @@ def _write_durably(path: Path, write) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_dcp() -> Iterator[None]:
+def quiet_dcp() -> Iterator[None]:
     # Without a process group DCP warns that it assumes a single process: that is intended.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -121,21 +121,45 @@ def save(
 ) -> Path:
     """Collective: every rank calls it. All ranks write model and optimizer shards through DCP
     and their RNG; rank 0 writes the train state and the manifest, then renames."""
+    partial = begin(checkpoint_root, step, env)
+    model_state, optim_state = get_state_dict(model, optimizer)  # sharded under FSDP, full otherwise
+    with quiet_dcp():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial / MODEL_OPTIM)
+    write_small_files(partial, train_state, env)
+    return finish(checkpoint_root, step, env, keep_last)
+
+
+def partial_dir(checkpoint_root: Path, step: int) -> Path:
     final = step_dir(checkpoint_root, step)
-    partial = final.with_name(final.name + ".partial")
+    return final.with_name(final.name + ".partial")
+
+
+def begin(checkpoint_root: Path, step: int, env: DistEnv) -> Path:
+    """Collective: an empty step_N.partial/ that every rank then writes into."""
+    partial = partial_dir(checkpoint_root, step)
     if env.is_main:
         if partial.exists():
             shutil.rmtree(partial)  # left by an earlier crash
         partial.mkdir(parents=True)
     barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)  # sharded under FSDP, full otherwise
-    with _quiet_dcp():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial / MODEL_OPTIM)
+    return partial
+
+
+def write_small_files(partial: Path, train_state: dict[str, Any], env: DistEnv) -> None:
+    """This rank's RNG and, on rank 0, the train state: taken at the step being saved."""
     _write_durably(partial / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
     if env.is_main:
         _write_durably(partial / TRAIN_STATE, lambda f: torch.save(train_state, f))
-    barrier()
-    files = _hash_in_parallel(partial, env)
+
+
+def finish(checkpoint_root: Path, step: int, env: DistEnv, keep_last: int, files: dict[str, Any] | None = None) -> Path:
+    """Collective, once every rank's files are in step_N.partial/: the manifest last, then the
+    rename that makes the checkpoint visible to resume, then the oldest ones beyond keep_last go.
+    `files`: the manifest's entries when already hashed (an asynchronous save hashes in the background)."""
+    final, partial = step_dir(checkpoint_root, step), partial_dir(checkpoint_root, step)
+    if files is None:
+        barrier()
+        files = hash_files(partial, env)
     if env.is_main:
         manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": env.world_size, "files": files}
         _write_durably(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
@@ -156,10 +180,10 @@ def save(
     return final
 
 
-def _hash_in_parallel(directory: Path, env: DistEnv) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file under `directory`, for the manifest. Each rank hashes a
-    share (rank 0's listing, split by size), so a sharded checkpoint is not read back whole by
-    one rank."""
+def hash_files(directory: Path, env: DistEnv, group=None) -> dict[str, dict[str, Any]]:
+    """Collective over `group`: size and sha256 of every file under `directory`, for the manifest.
+    Each rank hashes a share (rank 0's listing, split by size), so a sharded checkpoint is not
+    read back whole by one rank."""
     shares: list[list[str]] = [[] for _ in range(env.world_size)]
     if env.is_main:
         sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
@@ -168,9 +192,9 @@ def _hash_in_parallel(directory: Path, env: DistEnv) -> dict[str, dict[str, Any]
             rank = loads.index(min(loads))
             shares[rank].append(name)
             loads[rank] += sizes[name]
-    mine = broadcast_object(shares)[env.rank]
+    mine = broadcast_object(shares, group=group)[env.rank]
     hashed = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)} for name in mine}
-    return dict(sorted((name, entry) for part in all_gather_objects(hashed) for name, entry in part.items()))
+    return dict(sorted((name, entry) for part in all_gather_objects(hashed, group) for name, entry in part.items()))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -371,7 +395,7 @@ def load_model(path: Path, model: nn.Module) -> None:
 
 def _load_dcp(path: Path, state: dict[str, Any]) -> dict[str, Any]:
     _check_fits(state["model"], _saved_tensors(path), path)
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=path / MODEL_OPTIM)  # keys absent from `state` are not read
     return state
 
@@ -384,6 +408,6 @@ def read_full_state(path: Path, prefix: str = "model") -> dict[str, torch.Tensor
         for key, m in _saved_tensors(path).items()
         if key.startswith(prefix + ".")
     }
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.load(wanted, checkpoint_id=path / MODEL_OPTIM, no_dist=True)
     return {key.removeprefix(prefix + "."): tensor for key, tensor in wanted.items()}

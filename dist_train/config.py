@@ -205,6 +205,9 @@ class CheckpointConfig:
     every_steps: int = 100  # 0 saves only at the end
     keep_last: int = 3
     resume: str = "auto"  # auto | never | PATH to a checkpoint directory
+    # Write checkpoints in a background thread: training stalls only for the copy to host
+    # memory (async_checkpoint.py). The final save and a save on a stop signal stay synchronous.
+    async_save: bool = False
     # On this signal (as on SIGTERM) every rank finishes its optimizer step, one checkpoint is
     # saved and the job exits 75 to be requeued; SLURM sends it with --signal=B:USR1@SECONDS.
     preempt_signal: str = "SIGUSR1"

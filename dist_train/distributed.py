@@ -196,25 +196,25 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
                 dist.broadcast(tensor, src=src)
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+def broadcast_object(obj: object, src: int = 0, group=None) -> object:
     if not dist.is_initialized():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
 
 
-def all_gather_objects(obj: object) -> list[object]:
-    """Every rank's `obj`, in rank order, on every rank."""
+def all_gather_objects(obj: object, group=None) -> list[object]:
+    """Every rank's `obj`, in rank order, on every rank (of `group`, default: all)."""
     if not dist.is_initialized():
         return [obj]
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 

@@ -42,7 +42,7 @@ def tensorboard_tag(key: str) -> str:
         return "throughput/" + key
     if key in MEMORY_KEYS:
         return "memory/" + key
-    return "train/" + key  # grad_norm, epoch, skipped_steps, bad_samples, checkpoint_save_s
+    return "train/" + key  # grad_norm, epoch, skipped_steps, bad_samples, checkpoint_stall_s
 
 
 def hyperparameters(cfg: Config) -> dict[str, float | int | str]:

@@ -51,7 +51,7 @@ class Run:
     data: DataPipeline
     task: Task
     logger: RunLogger
-    save: Callable[[int], Path] | None  # None: a tool that trains without checkpoints (find-lr)
+    save: Callable[[int, bool], Path] | None  # (step, final); None: a tool that trains without checkpoints (find-lr)
     stop: StopRequest | None
     channels_last: bool = False  # inputs go to the device in the layout the model was given
     sparsity: NoSparsity | Sparsity = field(default_factory=NoSparsity)  # masks kept after each step

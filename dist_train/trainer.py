@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_train import checkpoint
+from dist_train.async_checkpoint import AsyncCheckpointer
 from dist_train.config import Config, UserError, check_device, dump_yaml, resolve_auto, to_dict
 from dist_train.data import build_pipeline, total_steps
 from dist_train.distributed import (
@@ -136,7 +137,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         return RunLogger(cfg, run_dir, True, wandb_run_id, start_step, last_step)
 
     logger = on_rank0(env, open_run_dir, share=False) or RunLogger(cfg, run_dir, False, wandb_run_id, 0, 0)
-    failed = True
+    failed, saver = True, None
     try:
         if state is not None:
             logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
@@ -157,7 +158,11 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         if data.baseline_val_loss is not None:
             logger.message(f"baseline: val_loss={data.baseline_val_loss:.4g} predicting from token frequencies alone")
 
-        def save(step: int) -> Path:
+        saver = None
+        if cfg.checkpoint.async_save:
+            saver = AsyncCheckpointer(env, cfg.parallel.collective_timeout_s, logger.message)
+
+        def save(step: int, final: bool) -> Path:
             train_state = {
                 "step": step,
                 "scheduler": scheduler.state_dict(),
@@ -169,6 +174,10 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
                 "micro_batch": cfg.data.batch_size,  # as it ran: data.batch_size=auto resumes with it
                 "config": to_dict(user_cfg),
             }
+            if saver is not None and not final:
+                return saver.save(checkpoint_root, step, train_state, model, optimizer, cfg.checkpoint.keep_last)
+            if saver is not None:
+                saver.drain()  # the last save is synchronous: the run ends with every checkpoint complete
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
 
         with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"], cfg.parallel.collective_timeout_s) as stop:
@@ -188,6 +197,8 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         failed = False
         return result
     finally:
+        if saver is not None:
+            saver.close()  # after a failure: no write left running while the process group goes
         logger.close(exit_code=1 if failed else 0)
 
 
@@ -340,8 +351,8 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
             weights_ok = torch.stack([local_shard(p.detach()).isfinite().all() for p in params]).all()
             summed_losses(weights_ok, step)  # never let a NaN model replace the last good checkpoint
             save_start = time.perf_counter()
-            result.checkpoint = run.save(step)
-            logger.log(step, {"checkpoint_save_s": time.perf_counter() - save_start})  # the training stall
+            result.checkpoint = run.save(step, step == end_step or stop_signal is not None)
+            logger.log(step, {"checkpoint_stall_s": time.perf_counter() - save_start})  # what training waited
         interval_start += time.perf_counter() - pause_start
         result.step = step
         if stop_signal is not None and step < end_step:

@@ -87,13 +87,13 @@ def test_two_process_launch_writes_one_run(first):
     assert config["logging"]["wandb"]["mode"] == "offline"
 
     rows = first.metrics
-    assert all(set(row) & {"loss", "val_acc", "checkpoint_save_s"} for row in rows), rows
+    assert all(set(row) & {"loss", "val_acc", "checkpoint_stall_s"} for row in rows), rows
     assert [row["step"] for row in rows if "loss" in row] == [2, 4, 6, 8]
     evals = [row for row in rows if "val_acc" in row]
     assert [row["step"] for row in evals] == [8] and rows[-2] is evals[0]
     assert 0.0 <= evals[0]["val_acc"] <= 1.0
-    saves = [row for row in rows if "checkpoint_save_s" in row]
-    assert [row["step"] for row in saves] == [4, 8] and all(row["checkpoint_save_s"] > 0 for row in saves)
+    saves = [row for row in rows if "checkpoint_stall_s" in row]
+    assert [row["step"] for row in saves] == [4, 8] and all(row["checkpoint_stall_s"] > 0 for row in saves)
     assert len(rows) == 7
 
     checkpoints = first.run_dir / "checkpoints"

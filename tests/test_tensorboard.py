@@ -112,7 +112,7 @@ def test_the_sections_group_every_key_the_logger_writes():
         "epoch": "train/epoch",
         "skipped_steps": "train/skipped_steps",
         "bad_samples": "train/bad_samples",
-        "checkpoint_save_s": "train/checkpoint_save_s",
+        "checkpoint_stall_s": "train/checkpoint_stall_s",
     }
     assert {key: tensorboard_tag(key) for key in sections} == sections
 

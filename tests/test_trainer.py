@@ -344,7 +344,7 @@ def test_channels_last_trains_like_contiguous_and_ddp_on_one_process_runs_as_non
     for key, value in _final_params(contiguous).items():
         torch.testing.assert_close(nhwc[key], value, rtol=1e-4, atol=1e-5)  # summation order only
     logged = [json.loads(line) for line in (tmp_path / "runs" / "nhwc" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if "checkpoint_save_s" in r] == [3, 6]  # the stall of every save
+    assert [r["step"] for r in logged if "checkpoint_stall_s" in r] == [3, 6]  # the stall of every save
 
 
 def test_uint8_images_augmented_in_memory_resume_bitwise_mid_epoch(tmp_path):

@@ -174,3 +174,15 @@ class _DataDependent(nn.Module):
 
 def data_dependent(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
     return _DataDependent(num_classes, input_shape)
+
+
+def bn_convnet(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    """A small convnet with BatchNorm, whose running statistics change in every training forward."""
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, num_classes),
+    )

@@ -1,0 +1,124 @@
+"""Asynchronous checkpoints (checkpoint.async_save, dist_train/async_checkpoint.py): the same
+checkpoints as synchronous saves, bit for bit (BatchNorm buffers included), made visible only
+once complete; a failed background write fails the run in one line and resume skips it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli, tiny_overrides
+
+from dist_train import checkpoint
+from dist_train.async_checkpoint import FAIL_WRITE_AT_STEP, HOST_MEMORY_GB
+from dist_train.cli import main
+
+CONFIG = str(REPO / "configs" / "digits.yaml")
+
+
+def _overrides(root: Path, name: str, **extra: object) -> list[str]:
+    values = {"model.name": "tests.user_models:bn_convnet", "run.name": name, "checkpoint.every_steps": 2}
+    return tiny_overrides(root, **{"checkpoint.keep_last": 10, **values, **extra})
+
+
+def _everything(step_dir: Path) -> dict[str, object]:
+    """A checkpoint's contents: model and optimizer tensors, train state, every rank's RNG."""
+    found: dict[str, object] = {f"model.{k}": v for k, v in checkpoint.read_full_state(step_dir, "model").items()}
+    found |= {f"optim.{k}": v for k, v in checkpoint.read_full_state(step_dir, "optim").items()}
+    state = checkpoint.load_train_state(step_dir)
+    for differs in ("config", "wandb_run_id"):  # run.name, checkpoint.async_save; a fresh id per run
+        state.pop(differs)
+    found["train_state"] = state
+    for rng in sorted(step_dir.glob("rng_rank*.pt")):
+        found[rng.name] = torch.load(rng, weights_only=True)
+    return found
+
+
+def _assert_same(a: object, b: object, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+
+
+def test_async_checkpoints_equal_sync_ones_bit_for_bit(tmp_path, capsys):
+    """Saved every 2 steps of 6 while training goes on: BatchNorm's running statistics change in
+    the very next forward, so staging after it would show here."""
+    for name, async_save in (("sync", False), ("async", True)):
+        assert main(["train", CONFIG, *_overrides(tmp_path, name, **{"checkpoint.async_save": async_save})]) == 0
+    runs = tmp_path / "runs"
+    for step in (2, 4, 6):
+        sync_dir, async_dir = (checkpoint.step_dir(runs / name / "checkpoints", step) for name in ("sync", "async"))
+        checkpoint.verify(async_dir)  # its manifest was written after the background write finished
+        _assert_same(_everything(async_dir), _everything(sync_dir), f"step {step}")
+    assert _losses(runs / "async") == _losses(runs / "sync")
+    assert not list((runs / "async" / "checkpoints").glob("*.partial"))
+    stalls = [json.loads(line) for line in (runs / "async" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in stalls if "checkpoint_stall_s" in row] == [2, 4, 6]
+
+
+def test_a_failed_background_write_fails_the_run_and_resume_skips_it(tmp_path, monkeypatch, capsys):
+    """The write of step 4 fails (the hook raises what a full disk would): the run stops at the
+    next boundary (step 6) with one line, step 4 stays .partial, and the same command resumes
+    from step 2 and ends exactly where an uninterrupted run does."""
+    overrides = _overrides(tmp_path, "failing", **{"checkpoint.async_save": True})
+    monkeypatch.setenv(FAIL_WRITE_AT_STEP, "4")
+    assert main(["train", CONFIG, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    partial = tmp_path / "runs" / "failing" / "checkpoints" / "step_00000004.partial"
+    assert err == (
+        "error: the background write of checkpoint step 4 failed (OSError: rank 0: OSError: [Errno 28] No space "
+        f"left on device (injected by the test hook)); {partial} is incomplete and never resumed from"
+    )
+    assert [p.name for p in checkpoint.list_checkpoints(partial.parent)] == ["step_00000002"] and partial.is_dir()
+    monkeypatch.delenv(FAIL_WRITE_AT_STEP)
+    assert main(["train", CONFIG, *overrides]) == 0
+    assert f"resumed from {partial.parent / 'step_00000002'} at step 2" in capsys.readouterr().out
+    assert main(["train", CONFIG, *_overrides(tmp_path, "straight")]) == 0
+    runs = tmp_path / "runs"
+    _assert_same(
+        _everything(checkpoint.step_dir(runs / "failing" / "checkpoints", 6)),
+        _everything(checkpoint.step_dir(runs / "straight" / "checkpoints", 6)),
+        "step 6",
+    )
+
+
+def test_staging_that_does_not_fit_in_host_memory_saves_synchronously(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(HOST_MEMORY_GB, "0.000001")  # 1 KiB: less than the 3 KiB of model and momentum
+    assert main(["train", CONFIG, *_overrides(tmp_path, "small", **{"checkpoint.async_save": True})]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "checkpoint.async_save" in line]
+    assert len(lines) == 1, out
+    assert "does not fit in 80% of the 0.00 GiB of available host memory; saving synchronously" in lines[0]
+    for step in (2, 4, 6):
+        checkpoint.verify(checkpoint.step_dir(tmp_path / "runs" / "small" / "checkpoints", step))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp"])
+def test_two_ranks_save_asynchronously_as_they_save_synchronously(tmp_path, strategy):
+    """2 gloo ranks under torchrun, FSDP: every rank stages its own shards, the background
+    writes agree over their own gloo group, and the checkpoints equal the synchronous ones."""
+    for name, async_save in (("sync", False), ("async", True)):
+        overrides = _overrides(tmp_path, name, **{"checkpoint.async_save": async_save, "parallel.strategy": strategy})
+        proc = run_cli("launch", CONFIG, "--nproc-per-node", "2", *overrides)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = tmp_path / "runs"
+    for step in (2, 4, 6):
+        sync_dir, async_dir = (checkpoint.step_dir(runs / name / "checkpoints", step) for name in ("sync", "async"))
+        checkpoint.verify(async_dir)
+        _assert_same(_everything(async_dir), _everything(sync_dir), f"step {step}")
