@@ -21,6 +21,8 @@ keeps what finished. Checks and targets (issue 12):
    dist_train's samples/s over a hand-written loop's (benchmarks/loops.py), target >= 0.98.
 5. fsdp_cpu_offload: FSDP with `parallel.cpu_offload` trains (this crashed with a NCCL-only
    process group: offloaded gradient norms are CPU collectives).
+6. async_checkpoint: `checkpoint.async_save` under NCCL (DCP's background write on its own gloo
+   group, staging into pinned host memory) saves every 5 steps and completes; its stalls.
 Peak memory per rank (`max_memory_gb`, the maximum over ranks) is reported for every run.
 Each command runs in a session of its own, killed whole at its timeout; `--budget-s` (default
 480) bounds the whole run, and a check that would start after it is recorded as skipped.
@@ -243,6 +245,18 @@ def check_fsdp_cpu_offload(smoke: bool) -> Result:
     return Result(ok, {"grad_norms": norms, "peak_memory_gb": run.peak_memory_gb()}, "trains", note)
 
 
+def check_async_checkpoint(smoke: bool) -> Result:
+    # ~30 s: torchrun with NCCL (and a gloo group for the background writes), the small FSDP GPT
+    # saved every 5 steps in the background (staged into pinned host memory), the last save synchronous.
+    overrides = ["checkpoint.async_save=true", "checkpoint.every_steps=5", "train.max_steps=20",
+                 "train.log_every=5", "train.eval_every=0", "train.eval_batches=1"]  # fmt: skip
+    run = cli("launch", "configs/gpt_fsdp.yaml", overrides, 300)
+    stalls = [r["checkpoint_stall_s"] for r in run.records if "checkpoint_stall_s" in r]
+    ok = run.returncode == 0 and len(stalls) == 4
+    numbers = {"async_stalls_s": stalls[:-1], "final_sync_stall_s": stalls[-1] if stalls else None}
+    return Result(ok, numbers, "4 saves, run completes", run.start_line if ok else run.failure())
+
+
 def _finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
 
@@ -260,6 +274,7 @@ def checks(smoke: bool) -> dict[str, Callable[[], Result]]:
         f"resnet18 {large}px": lambda: check_resnet(18, large, smoke),
         f"resnet50 {large}px": lambda: check_resnet(50, large, smoke),
         "fsdp_cpu_offload": lambda: check_fsdp_cpu_offload(smoke),
+        "async_checkpoint": lambda: check_async_checkpoint(smoke),
     }
 
 
