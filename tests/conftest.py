@@ -96,3 +96,16 @@ def write_fake_mnist(root: Path, n_train: int = 256, n_test: int = 64) -> None:
         header = np.array([0x803, n, 28, 28], dtype=">i4").tobytes()  # uint8 (0x08), 3 dimensions
         (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.tobytes())
         (raw / f"{split}-labels-idx1-ubyte").write_bytes(np.array([0x801, n], dtype=">i4").tobytes() + labels.tobytes())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's in-process runs, as cli_env gives the subprocesses:
+    their models are tiny, and on a busy 2-core machine a second thread that spin-waits made
+    one pretraining take 58 s instead of 5 s. Opt in with pytestmark."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,6 +16,7 @@ from dist_train.async_checkpoint import FAIL_WRITE_AT_STEP, HOST_MEMORY_GB
 from dist_train.cli import main
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _overrides(root: Path, name: str, **extra: object) -> list[str]:

@@ -75,15 +75,7 @@ def _config(tmp_path: Path, name: str, steps: int, **extra: object) -> dict:
     return config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as cli_env gives the suite's subprocesses: these models are tiny, and
-    on a busy 2-core machine a second thread that spin-waits made the pretraining below take 58 s
-    instead of 5 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny, the machine busy
 
 
 @pytest.fixture(scope="module")

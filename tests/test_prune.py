@@ -19,13 +19,7 @@ from dist_train.export import export
 SOURCE_STEPS = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as cli_env gives subprocesses: the models are tiny, the machine busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny, the machine busy
 
 
 def _overrides(root: Path, **extra: object) -> list[str]:

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO, cli_env, run_cli, tiny_overrides
 
 import dist_train
@@ -25,13 +24,7 @@ DIGITS = str(REPO / "configs" / "digits.yaml")
 TWO_RANKS = ("--nproc-per-node", "2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for the in-process runs, as cli_env gives the subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny, the machine busy
 
 
 def _output(proc: subprocess.CompletedProcess) -> str:
