@@ -12,7 +12,6 @@ results go to a folder of their own and never replace a file.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -163,8 +162,7 @@ def build_parts(cfg: Config, env: DistEnv, split: str, load: Callable[[nn.Module
     trainable = build_trainable(cfg, env, strategy, data, resuming=True)  # resuming: init_from is not read
     load(trainable.model)
     layout = torch.channels_last if trainable.channels_last else torch.preserve_format
-    # As Run.autocast: FSDP's mixed precision casts by itself, otherwise autocast.
-    amp = contextlib.nullcontext() if strategy.handles_precision else autocast(cfg.train.precision, env.device)
+    amp = autocast(cfg.train.precision, env.device, strategy)
     task = build_task(cfg.train)
 
     def to_device(inputs: torch.Tensor) -> torch.Tensor:

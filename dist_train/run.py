@@ -60,10 +60,7 @@ class Run:
         finetune.train_mode(self.model, self.cfg.model)
 
     def autocast(self) -> ContextManager:
-        """Mixed precision around the forward: autocast, or nothing where the strategy casts."""
-        if self.strategy.handles_precision:
-            return contextlib.nullcontext()
-        return autocast(self.cfg.train.precision, self.env.device)
+        return autocast(self.cfg.train.precision, self.env.device, self.strategy)
 
     def inputs_to_device(self, inputs: torch.Tensor) -> torch.Tensor:
         """Inputs on the device as the model takes them (layout; uint8 images normalized there)."""
@@ -95,8 +92,10 @@ def forward_backward(run: Run, amp: ContextManager, sync: bool = True) -> tuple[
     return (micro_losses[0] if accum == 1 else torch.stack(micro_losses).sum()), data_wait
 
 
-def autocast(precision: str, device: torch.device) -> ContextManager:
-    if precision == "fp32":
+def autocast(precision: str, device: torch.device, strategy: Strategy) -> ContextManager:
+    """Mixed precision around the forward: autocast, or nothing where the strategy casts
+    (FSDP's mixed-precision policy)."""
+    if precision == "fp32" or strategy.handles_precision:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 

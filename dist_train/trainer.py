@@ -181,8 +181,10 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
 
         with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"], cfg.parallel.collective_timeout_s) as stop:
-            run = Run(cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, save, stop)
-            run.channels_last, run.sparsity = channels_last, sparsity
+            run = Run(
+                cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, save, stop,
+                channels_last=channels_last, sparsity=sparsity,
+            )  # fmt: skip
             try:
                 result = _fit(run, start_step, last_step)
             except (RuntimeError, dist.DistError) as exc:
