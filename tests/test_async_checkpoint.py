@@ -123,3 +123,23 @@ def test_two_ranks_save_asynchronously_as_they_save_synchronously(tmp_path, stra
         sync_dir, async_dir = (checkpoint.step_dir(runs / name / "checkpoints", step) for name in ("sync", "async"))
         checkpoint.verify(async_dir)
         _assert_same(_everything(async_dir), _everything(sync_dir), f"step {step}")
+
+
+def test_a_stop_signal_drains_the_save_in_flight_and_saves_synchronously(tmp_path, capsys):
+    """SIGUSR1 in step 5's forward: step 4's background save is finished and made visible, step
+    5 is saved synchronously, exit 75; the same command continues and ends as an uninterrupted run."""
+    signalling = {"model.name": "tests.user_models:signal_at_call", "model.kwargs": "{call: 5, signal_name: SIGUSR1}"}
+    overrides = _overrides(tmp_path, "stopped", **{"checkpoint.async_save": True, **signalling})
+    assert main(["train", CONFIG, *overrides]) == 75
+    root = tmp_path / "runs" / "stopped" / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_00000002", "step_00000004", "step_00000005"]
+    assert not list(root.glob("*.partial"))
+    for step in (2, 4, 5):
+        checkpoint.verify(checkpoint.step_dir(root, step))
+    assert main(["train", CONFIG, *overrides]) == 0  # step 6 and the evaluation: 3 forwards, no signal
+    assert main(["train", CONFIG, *_overrides(tmp_path, "straight")]) == 0
+    _assert_same(
+        _everything(checkpoint.step_dir(root, 6)),
+        _everything(checkpoint.step_dir(tmp_path / "runs" / "straight" / "checkpoints", 6)),
+        "step 6",
+    )

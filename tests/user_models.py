@@ -186,3 +186,19 @@ def bn_convnet(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module
         nn.Flatten(),
         nn.Linear(32, num_classes),
     )
+
+
+def signal_at_call(num_classes: int, input_shape: tuple[int, int, int], call: int, signal_name: str) -> nn.Module:
+    """bn_convnet that sends this process `signal_name` in its `call`-th forward, as SLURM would."""
+    import os
+    import signal
+
+    model, calls = bn_convnet(num_classes, input_shape), [0]
+
+    def count(module: nn.Module, args: tuple) -> None:
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+
+    model.register_forward_pre_hook(count)
+    return model
