@@ -202,11 +202,12 @@ def _program(
         quantizer = x86.X86InductorQuantizer()
         quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
         captured = torch.export.export(model, (example,), dynamic_shapes=shapes).module()
+        _one_source_per_call(captured)
         try:
             prepared = prepare_pt2e(captured, quantizer)
         except ValueError as exc:
-            # Seen with torchao 0.18 on torch 2.14: the quantizer's conv + add + relu pattern
-            # (ResNet's residual blocks) fails to annotate. One line, and the other methods remain.
+            # A pattern the quantizer cannot annotate (ResNet's shared ReLU did, before
+            # _one_source_per_call): one line, and the other methods remain.
             raise UserError(
                 f"--method int8-static: torchao's X86InductorQuantizer cannot annotate this model ({exc})"
             ) from exc
@@ -220,6 +221,34 @@ def _program(
         recipe = Int8DynamicActivationInt8WeightConfig() if method == "int8-dynamic" else Int8WeightOnlyConfig()
         quantize_(model, recipe)
     return torch.export.export(model, (example,), dynamic_shapes=shapes)
+
+
+def _one_source_per_call(graph_module: torch.fx.GraphModule) -> None:
+    """PT2E's quantizers match patterns on "source partitions": the graph nodes grouped by the
+    module that produced them. A parameter-free module called twice (torchvision's ResNet blocks
+    use one nn.ReLU after the first conv and after the residual add) makes one partition with
+    two outputs, which X86InductorQuantizer refuses ("Input partition has more than one output
+    node"). Where a module's nodes do not feed each other, each is a call of its own: give each
+    its own source name, so each call is its own partition (the graph itself is unchanged)."""
+    groups: dict[str, list[torch.fx.Node]] = {}
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            groups.setdefault(list(stack.values())[-1][0], []).append(node)
+    for fqn, nodes in groups.items():
+        inputs = [arg for node in nodes for arg in node.all_input_nodes]
+        stateless = not any(arg.op == "get_attr" for arg in inputs)  # no weights of its own
+        independent = not any(arg in nodes for arg in inputs)
+        if len(nodes) < 2 or not stateless or not independent:
+            continue
+        for call, node in enumerate(nodes):
+            stack = dict(node.meta["nn_module_stack"])
+            key = list(stack)[-1]
+            stack[key] = (f"{fqn}@call{call}", stack[key][1])
+            node.meta["nn_module_stack"] = stack
+            if node.meta.get("source_fn_stack"):
+                name, kind = node.meta["source_fn_stack"][-1]
+                node.meta["source_fn_stack"] = [*node.meta["source_fn_stack"][:-1], (f"{name}@call{call}", kind)]
 
 
 def _torchao_version() -> str:

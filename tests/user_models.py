@@ -202,3 +202,30 @@ def signal_at_call(num_classes: int, input_shape: tuple[int, int, int], call: in
 
     model.register_forward_pre_hook(count)
     return model
+
+
+class _ResidualBlock(nn.Module):
+    """torchvision's BasicBlock in small: one nn.ReLU called twice, after bn1 and after the add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def residual_convnet(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 8, 3, padding=1),
+        nn.ReLU(),
+        _ResidualBlock(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, num_classes),
+    )
