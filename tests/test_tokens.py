@@ -358,3 +358,12 @@ def test_resume_from_2_ranks_on_1_matches_an_uninterrupted_run(tmp_path, bpe_dir
         return [r["loss"] for r in map(json.loads, lines) if "loss" in r and r["step"] == 6][0]
 
     assert last_loss("split") == pytest.approx(last_loss("one"), abs=1e-5)
+
+
+def test_gpt2_small_on_a_50257_token_vocabulary_has_124m_parameters():
+    from dist_train.data.datasets import DataSpec
+
+    cfg = load_config(REPO / "configs/gpt2_small.yaml", ["data.dataset=tokens", "data.paths=[unused]"])
+    with torch.device("meta"):  # the parameter count without 500 MB of weights
+        model = build_model(cfg.model, DataSpec((cfg.data.seq_len,), 50257))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
