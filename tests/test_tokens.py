@@ -234,11 +234,11 @@ MEMORY_CHILD = textwrap.dedent(
     except MemoryError:
         whole_read_fits = False
     rss, anon = status("VmRSS"), status("RssAnon")
-    per_shard = [(int(windows.ends[s]) - (int(windows.ends[s - 1]) if s else 0)) for s in range(len(paths))]
+    per_shard = [windows.ends[s] - (windows.ends[s - 1] if s else 0) for s in range(len(paths))]
     wrong = 0
     for index in np.linspace(0, len(windows) - 1, 3000).astype(int).tolist():
         shard = int(np.searchsorted(windows.ends, index, side="right"))
-        local = index - (int(windows.ends[shard - 1]) if shard else 0)
+        local = index - (windows.ends[shard - 1] if shard else 0)
         x, y = windows[index]
         start = local * seq_len
         expected = (np.arange(start, start + seq_len + 1) + shard) % 50000
