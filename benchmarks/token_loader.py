@@ -6,7 +6,8 @@ in-memory byte path (data.dataset=text), on a synthetic corpus this script write
 
 For each path: the start-up (build_pipeline: text reads every file into memory, tokens maps
 the shards), one rank's training loader drained through the resumable sampler (random
-windows, collation) as the trainer takes it, and the process's private memory growth. The
+windows, collation) as the trainer takes it, best of --reps drains taken in turns with the
+other paths, and the process's private memory growth (RssAnon). The
 shards were just written, so their pages are in the page cache: the numbers are the loader's
 own cost, not the disk's. `--bpe-vocab N` also times tokenizing with a BPE of N ids.
 """
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_train.config import DataConfig  # noqa: E402
-from dist_train.data import build_pipeline  # noqa: E402
+from dist_train.data import DataPipeline, build_pipeline  # noqa: E402
 from dist_train.data.tokens import tokenize  # noqa: E402
 from dist_train.distributed import DistEnv  # noqa: E402
 
@@ -52,18 +53,19 @@ def rss_anon() -> int:
     return 0
 
 
-def loader_rate(cfg: DataConfig, batches: int) -> tuple[float, float, int]:
-    """(start-up seconds, training tokens/s, private memory growth in bytes) of one rank."""
-    before = rss_anon()
-    start = time.perf_counter()
+def start_loader(cfg: DataConfig) -> tuple[DataPipeline, float, int]:
+    """One rank's pipeline, its start-up seconds and the private memory it took."""
+    before, start = rss_anon(), time.perf_counter()
     data = build_pipeline(cfg, DistEnv(0, 0, 1, torch.device("cpu")), grad_accum_steps=1, seed=0)
     data.train.next_micro_batch()  # warm-up: the epoch's permutation
-    startup = time.perf_counter() - start
+    return data, time.perf_counter() - start, rss_anon() - before
+
+
+def drain(data: DataPipeline, cfg: DataConfig, batches: int) -> float:
     start = time.perf_counter()
     for _ in range(batches):
         data.train.next_micro_batch()
-    rate = batches * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
-    return startup, rate, rss_anon() - before
+    return batches * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -72,44 +74,46 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=400)
+    parser.add_argument("--reps", type=int, default=5, help="drains of --batches per path; the best is shown")
     parser.add_argument("--bpe-vocab", type=int, default=8192, help="also tokenize with a BPE of this size (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    rows = []
+    paths, tokenize_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_corpus(Path(tmp) / "corpus", args.mb)
         glob = str(Path(tmp) / "corpus" / "*.txt")
         common = dict(seq_len=args.seq_len, batch_size=args.batch_size, val_fraction=0.1, num_workers=0)
         start = time.perf_counter()
         tokenize([glob], Path(tmp) / "byte", tokenizer="byte")
-        byte_time = time.perf_counter() - start
-        # The tokens path first: the text path's in-memory corpus would inflate its RssAnon.
-        rows.append(
-            (
-                "tokens (byte shards, memmap)",
-                byte_time,
-                *loader_rate(DataConfig("tokens", paths=[f"{tmp}/byte"], **common), args.batches),
-            )
-        )
+        tokenize_s["tokens (byte shards, memmap)"] = time.perf_counter() - start
+        paths["tokens (byte shards, memmap)"] = DataConfig("tokens", paths=[f"{tmp}/byte"], **common)
         if args.bpe_vocab:
+            name = f"tokens (BPE {args.bpe_vocab}, memmap)"
             start = time.perf_counter()
             tokenize([glob], Path(tmp) / "bpe", tokenizer="gpt2", vocab_size=args.bpe_vocab)
-            bpe_time = time.perf_counter() - start
-            cfg = DataConfig("tokens", paths=[f"{tmp}/bpe"], **common)
-            rows.append((f"tokens (BPE {args.bpe_vocab}, memmap)", bpe_time, *loader_rate(cfg, args.batches)))
-        rows.append(
-            ("text (bytes in memory)", None, *loader_rate(DataConfig("text", paths=[glob], **common), args.batches))
-        )
+            tokenize_s[name] = time.perf_counter() - start
+            paths[name] = DataConfig("tokens", paths=[f"{tmp}/bpe"], **common)
+        paths["text (bytes in memory)"] = DataConfig("text", paths=[glob], **common)
+        # Started in this order, the text path last: its in-memory corpus would count in the
+        # memory growth of any path started after it.
+        loaders = {name: start_loader(cfg) for name, cfg in paths.items()}
+        # Drains alternate between the paths and the best of each is kept: other jobs on a
+        # shared machine only ever slow one down, and alternating spreads them over all paths.
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(args.reps):
+            for name, cfg in paths.items():
+                rates[name].append(drain(loaders[name][0], cfg, args.batches))
         size = sum(p.stat().st_size for p in corpus)
 
     print(f"corpus: {len(corpus)} files, {size / 2**20:.0f} MiB; seq_len {args.seq_len}, batch {args.batch_size}, "
-          f"{args.batches} batches, 1 rank, no workers")  # fmt: skip
+          f"best of {args.reps} x {args.batches} batches, 1 rank, no workers")  # fmt: skip
     print("| path | tokenize | start-up | loader tokens/s | private memory growth |")
     print("| --- | --- | --- | --- | --- |")
-    for name, tok, startup, rate, grown in rows:
-        tok_text = "-" if tok is None else f"{tok:.1f} s"
-        print(f"| {name} | {tok_text} | {startup:.2f} s | {rate:,.0f} | {grown / 2**20:.0f} MiB |")
+    for name in paths:
+        _, startup, grown = loaders[name]
+        tok_text = f"{tokenize_s[name]:.1f} s" if name in tokenize_s else "-"
+        print(f"| {name} | {tok_text} | {startup:.2f} s | {max(rates[name]):,.0f} | {grown / 2**20:.0f} MiB |")
     return 0
 
 
