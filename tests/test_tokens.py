@@ -19,6 +19,7 @@ from dist_train.config import DataConfig, ModelConfig, load_config
 from dist_train.data import build_datasets
 from dist_train.data.tokens import (
     HEADER,
+    TokenWindows,
     iter_documents,
     load_tokenizer,
     open_shard,
@@ -208,6 +209,21 @@ def test_tokens_dataset_serves_shifted_windows_with_the_shards_vocabulary(tmp_pa
         build_datasets(DataConfig(dataset="tokens", paths=[]))
     with pytest.raises(Exception, match="no window"):
         build_datasets(DataConfig(dataset="tokens", paths=[str(out)], seq_len=100000))
+
+
+def test_windows_pickle_without_their_mappings(tmp_path):
+    # A spawned loader worker gets the dataset pickled: it must map the shards itself, not
+    # receive a copy of every token read so far.
+    import pickle
+
+    path = tmp_path / "train_000000.bin"
+    write_shard(path, np.arange(200_000) % 1000, 1000)
+    windows = TokenWindows([path], 64)
+    first = windows[10]
+    assert len(pickle.dumps(windows)) < 10_000
+    again = pickle.loads(pickle.dumps(windows))
+    assert all(torch.equal(a, b) for a, b in zip(again[10], first, strict=True))
+    assert len(again) == (200_000 - 1) // 64
 
 
 MEMORY_CHILD = textwrap.dedent(

@@ -42,4 +42,8 @@ def run(args: argparse.Namespace) -> int:
         f"{manifest['val_tokens']:,} val tokens in {len(shards['val'])}; "
         f"vocabulary {manifest['vocab_size']:,} ({manifest['dtype']}), tokenizer {manifest['tokenizer']}"
     )
+    requested = args.vocab_size or 50257
+    if args.tokenizer == "gpt2" and manifest["vocab_size"] < requested:
+        # The BPE stops merging when no pair repeats: a small corpus cannot fill a large vocabulary.
+        print(f"note: the corpus gave {manifest['vocab_size']:,} ids, fewer than --vocab-size {requested:,}")
     return 0
