@@ -338,9 +338,11 @@ def read_manifest(directory: Path) -> dict:
         raise TokensError(f"{directory} has no {MANIFEST}: not a directory written by dist-train tokenize")
     try:
         manifest = json.loads(path.read_text())
-        manifest["shards"]["train"], manifest["shards"]["val"], manifest["vocab_size"]  # noqa: B018
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TokensError(f"{path} is not a token manifest ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise TokensError(f"{path} is not JSON: {exc}") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not (isinstance(shards, dict) and {"train", "val"} <= set(shards) and "vocab_size" in manifest):
+        raise TokensError(f"{path} is not a token manifest: it needs shards.train, shards.val and vocab_size")
     return manifest
 
 
