@@ -40,7 +40,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    # digits | image_folder | cifar10 | mnist | synthetic | text, or "package.module:factory":
+    # digits | image_folder | cifar10 | mnist | synthetic | text | tokens, or "package.module:factory":
     # factory(cfg: DataConfig, **data.kwargs) returns the train and validation datasets
     # (map-style) and optionally the num_classes and input_shape the model needs (README).
     dataset: str = "digits"
@@ -70,6 +70,7 @@ class DataConfig:
     image_size: int = 32  # image_folder only: images are resized to this square size
     # text only: glob patterns of text files (none: the Python standard library's sources),
     # split into train/validation by file, served as sequences of seq_len byte tokens.
+    # tokens: [DIR], one directory written by `dist-train tokenize` (memory-mapped shards).
     paths: list[str] = field(default_factory=list)
     seq_len: int = 256
     # synthetic only
@@ -469,7 +470,7 @@ def _describe(hint: Any) -> list[str]:
 # --------------------------------------------------------------------------- validation
 
 FLOAT32_MAX = 3.4028234663852886e38
-DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic", "text")
+DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic", "text", "tokens")
 LOSSES = ("cross_entropy", "bce_with_logits", "mse", "l1", "model")
 METRICS = ("accuracy", "top5", "precision", "recall", "f1", "confusion", "mae", "mse")
 

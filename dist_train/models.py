@@ -86,7 +86,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
         )
     if cfg.name == "gpt":
         if len(spec.input_shape) != 1:
-            raise ConfigError("model.name=gpt needs token sequences: use data.dataset=text")
+            raise ConfigError("model.name=gpt needs token sequences: use data.dataset=text or tokens")
         return GPT(spec.num_classes, spec.input_shape[0], cfg.n_layer, cfg.n_head, cfg.width, cfg.dropout)
     if ":" not in cfg.name and len(spec.input_shape) != 3:
         raise ConfigError(f"model.name={cfg.name} needs images; for data.dataset=text use model.name=gpt")

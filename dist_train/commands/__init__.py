@@ -6,7 +6,19 @@ flags too (see launch.add_launch_flags): given `--nproc-per-node`, the verb star
 that many workers through torchrun, exactly as `dist-train launch` starts `train`.
 """
 
-from dist_train.commands import evaluate, export, find_batch, find_lr, launch, prune, quantize, report, train
+from dist_train.commands import (
+    evaluate,
+    export,
+    find_batch,
+    find_lr,
+    launch,
+    prune,
+    quantize,
+    report,
+    tokenize,
+    train,
+    verify_tokens,
+)
 
 # In the order `dist-train --help` lists them.
 VERBS = {
@@ -19,4 +31,6 @@ VERBS = {
     "find-batch": find_batch,
     "prune": prune,
     "quantize": quantize,
+    "tokenize": tokenize,
+    "verify-tokens": verify_tokens,
 }

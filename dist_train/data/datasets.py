@@ -204,6 +204,22 @@ def _text(cfg: DataConfig) -> Datasets:
     return Datasets(train, val, None, None, DataSpec((cfg.seq_len,), 256), baseline)
 
 
+def _tokens(cfg: DataConfig) -> Datasets:
+    from dist_train.data.tokens import token_datasets
+
+    if len(cfg.paths) != 1:
+        raise DataError(
+            f"data.dataset=tokens needs data.paths=[DIR], one directory written by dist-train tokenize; got {cfg.paths}"
+        )
+    train, val, manifest = token_datasets(Path(os.path.expanduser(cfg.paths[0])), cfg.seq_len)
+    if len(train) == 0 or len(val) == 0:
+        split = "training" if len(train) == 0 else "validation"
+        raise DataError(f"the {split} shards of {cfg.paths[0]} hold no window of data.seq_len={cfg.seq_len} + 1 tokens")
+    # The vocabulary comes from the shards, so the GPT's embedding matches the tokenizer.
+    spec = DataSpec((cfg.seq_len,), int(manifest["vocab_size"]))
+    return Datasets(train, val, None, None, spec, manifest.get("unigram_val_loss"))
+
+
 def unigram_loss(train_tokens: torch.Tensor, val_tokens: torch.Tensor) -> float:
     """Cross-entropy (nats per token) on validation of predicting every byte by its training
     frequency (add-one smoothed): what a model that ignores context achieves."""
@@ -363,6 +379,8 @@ def build_datasets(cfg: DataConfig, download: bool | None = None) -> Datasets:
         return _synthetic(cfg)
     if cfg.dataset == "text":
         return _text(cfg)
+    if cfg.dataset == "tokens":
+        return _tokens(cfg)
     if is_import_path(cfg.dataset):
         return _from_factory(cfg)
     raise DataError(f"unknown data.dataset {cfg.dataset!r}")
