@@ -201,7 +201,8 @@ def check_world_size(cfg: ParallelConfig, world_size: int, local_world_size: int
             f"parallel.strategy=none cannot train with {world_size} processes "
             "(each would train its own model); use parallel.strategy=ddp"
         )
-    mesh_shape(cfg, world_size, local_world_size)
+    if cfg.strategy == "fsdp":
+        mesh_shape(cfg, world_size, local_world_size)
 
 
 def mesh_shape(cfg: ParallelConfig, world_size: int, local_world_size: int | None = None) -> dict[str, int]:
