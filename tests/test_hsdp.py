@@ -4,10 +4,13 @@ numbers as DDP and plain FSDP, resume across meshes and world sizes, and the one
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides, write_text_corpus
+from conftest import REPO, cli_env, run_cli, tiny_overrides, write_text_corpus
 
 from dist_train import checkpoint
 from dist_train.config import ConfigError, ParallelConfig
@@ -40,6 +43,12 @@ def _launch(root, name, nproc=4, **overrides):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _params(root, name):
@@ -152,3 +161,38 @@ def test_mesh_shape_per_node_and_refusals():
     assert mesh_shape(ParallelConfig(strategy="fsdp", replicate_degree=4), 8) == {"dp_replicate": 4, "dp_shard": 2}
     with pytest.raises(ConfigError, match="replicate_degree=auto needs the same number of processes"):
         mesh_shape(fsdp, 12, 8)
+
+
+def test_auto_is_one_replica_per_node_of_two_node_agents(tmp_path):
+    # Two torchrun agents of 2 processes each rendezvous on this machine, as two nodes would.
+    port = _free_port()
+    values = {"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto", "train.max_steps": 2}
+    overrides = tiny_overrides(tmp_path, **values)
+    procs = []
+    for node_rank in (0, 1):
+        env = cli_env() | {
+            "PYTHON": sys.executable,
+            "NNODES": "2",
+            "NODE_RANK": str(node_rank),
+            "NPROC": "2",
+            "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+            "RDZV_ID": f"hsdp{port}",
+        }
+        command = ["bash", "launch/multi_node.sh", "configs/digits.yaml", *overrides]
+        procs.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    # c10d rendezvous decides which node hosts global rank 0, so look at both outputs.
+    assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in "".join(outputs)
+    assert checkpoint.latest_valid(tmp_path / "runs" / "digits" / "checkpoints").name == "step_00000002"
+
+
+def test_find_lr_runs_on_the_hsdp_mesh(tmp_path):
+    paths = write_text_corpus(tmp_path / "corpus")
+    values = {"data.paths": json.dumps(paths), **GPT, **HSDP, "run.name": "lr"}
+    overrides = tiny_overrides(tmp_path, **values)
+    proc = run_cli("find-lr", "configs/gpt_cpu.yaml", "--nproc-per-node", "4", "--steps", "20", *overrides, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "use: optim.lr=" in proc.stdout
