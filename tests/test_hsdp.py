@@ -4,6 +4,7 @@ numbers as DDP and plain FSDP, resume across meshes and world sizes, and the one
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
     # 4 -> 2 -> 4 -> 2 -> 4 processes, each segment 2 steps of the same global batch of 16, each
     # resuming the previous one's checkpoint: HSDP 2x2, FSDP on 2 (accumulating 2 micro-batches),
     # pure replication on a 4x1 mesh (micro-batches of 2), DDP on 2 (4 micro-batches), then HSDP
-    # 2x2 with every memory option and per-micro-batch reduce-scatter. Together: one
+    # 2x2 with every memory option, compile and per-micro-batch reduce-scatter. Together: one
     # uninterrupted run. (A new world size keeps the micro-batch: accumulation adapts.)
     root, _ = uninterrupted
     accum = {"data.batch_size": 2, "train.grad_accum_steps": 2}
@@ -110,6 +111,8 @@ def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
         "parallel.cpu_offload": True,
         "parallel.sync_every_micro_batch": True,
     }
+    if shutil.which("cc"):  # torch.compile's CPU backend needs a C compiler
+        options["train.compile"] = True
     segments = [
         (4, HSDP),
         (2, {"parallel.strategy": "fsdp"}),
