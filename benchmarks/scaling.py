@@ -19,6 +19,14 @@ bandwidth plus a per-collective latency:
   It reduce-scatters 4N bytes of gradients once per step (every micro-batch with
   `sync_every_micro_batch`), each (n-1)/n per GPU. Block-by-block prefetch overlaps all of it
   with compute except the first block's gather of each pass.
+- HSDP (`parallel.replicate_degree: auto`, one replica per node of 8) gathers and
+  reduce-scatters as FSDP but within the node, over NVLink, then all-reduces each gradient
+  shard (4N/8 bytes) across the nodes' replicas: 2(R-1)/R x 4N/8 bytes per GPU over
+  InfiniBand, once per step (HSDP reduce-scatters every micro-batch with
+  `sync_every_micro_batch` but all-reduces only on the last). The two kinds of link work at
+  once; the all-reduce of the last unit finishing the backward is never hidden. Like the other
+  rows it prices every byte crossing nodes at the NIC rate as one flat ring; NCCL's rings send
+  most hops over NVLink, so real multi-node DDP and FSDP lose less, and HSDP gains less.
 
 Bandwidths are published link rates at 80% efficiency: NVLink 4 (H100 SXM) 450 GB/s per
 direction inside a node of 8; NDR InfiniBand 400 Gb/s = 50 GB/s per GPU (one NIC per GPU)
@@ -89,6 +97,22 @@ def fsdp_step(w: Workload, gpus: int, compute: float, reshard_after_forward: boo
     return compute + exposed, comm
 
 
+def hsdp_step(w: Workload, gpus: int, compute: float, sync_every: bool = False) -> tuple[float, float]:
+    """(step time, communication time) for HSDP: FSDP within each node, replicas across nodes."""
+    shard, replicas = min(gpus, GPUS_PER_NODE), max(1, gpus // GPUS_PER_NODE)
+    gathers = w.micro_batches + 1  # reshard_after_forward, as the fsdp row
+    scatters = w.micro_batches if sync_every else 1
+    intra = (shard - 1) / shard * (gathers * 2 + scatters * 4) * w.params / bus_bandwidth(shard)
+    intra += (gathers + scatters) * (w.blocks + 1) * latency(shard)
+    inter = 0.0
+    if replicas > 1:
+        inter = 2 * (replicas - 1) / replicas * 4 * w.params / shard / bus_bandwidth(gpus)
+        inter += (w.blocks + 1) * latency(replicas)
+    first_gathers = gathers * (shard - 1) / shard * 2 * w.params / w.blocks / bus_bandwidth(shard)
+    exposed = max(first_gathers + inter / (w.blocks + 1), max(intra, inter) - compute)
+    return compute + exposed, intra + inter
+
+
 def workload(config: Path, overrides: list[str]) -> Workload:
     cfg = load_config(config, overrides)
     model = build_model(cfg.model, DataSpec((cfg.data.seq_len,), 256))
@@ -127,6 +151,8 @@ def main() -> int:
             "fsdp": fsdp_step(w, gpus, compute, reshard_after_forward=True, sync_every=False),
             "fsdp, reshard_after_forward=false": fsdp_step(w, gpus, compute, False, False),
         }
+        if gpus > GPUS_PER_NODE:  # within one node HSDP is FSDP
+            rows[f"hsdp {gpus // GPUS_PER_NODE}x{GPUS_PER_NODE}"] = hsdp_step(w, gpus, compute)
         for name, (step, comm) in rows.items():
             print(f"| {gpus} | {name} | {comm * 1e3:.1f} ms | {step * 1e3:.1f} ms | {compute / step:.1%} |")
     return 0

@@ -64,7 +64,8 @@ def eval_config(run_dir: Path, overrides: list[str], world_size: int) -> Config:
         cfg,
         # The run is where RUN_DIR says, whatever directory the training command ran from.
         run=dataclasses.replace(cfg.run, output_dir=str(run_dir.resolve().parent), name=run_dir.resolve().name),
-        parallel=dataclasses.replace(cfg.parallel, strategy=strategy),
+        # Without gradients HSDP's replicas buy nothing: FSDP shards over every process.
+        parallel=dataclasses.replace(cfg.parallel, strategy=strategy, replicate_degree=1),
         # Evaluation resumes nothing: a run trained with resume=never must not refuse its own checkpoints.
         checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"),
     )

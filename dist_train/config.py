@@ -190,6 +190,10 @@ class ParallelConfig:
     # all-gather in backward); and keep parameters and optimizer state in CPU memory.
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    # fsdp: HSDP over a dp_replicate x dp_shard mesh of R x world/R processes: parameters sharded
+    # within each group of world/R (a node), gradients all-reduced across the R groups, so only
+    # the slow inter-node network carries one all-reduce of a shard. auto: one group per node.
+    replicate_degree: int | Literal["auto"] = 1
     # Recompute each block's activations in backward instead of keeping them: less memory,
     # about one more forward of compute. Any strategy.
     activation_checkpointing: bool = False
@@ -657,6 +661,17 @@ def validate(cfg: Config) -> None:
         not (t.channels_last is True and cfg.parallel.strategy == "fsdp"),
         "train.channels_last",
         "cannot be true with parallel.strategy=fsdp: FSDP2 shards only contiguous (NCHW) parameters; use auto",
+    )
+    replicate = cfg.parallel.replicate_degree
+    require(
+        replicate == "auto" or replicate >= 1,
+        "parallel.replicate_degree",
+        f"must be >= 1 or auto, got {replicate}",
+    )
+    require(
+        replicate == 1 or cfg.parallel.strategy == "fsdp",
+        "parallel.replicate_degree",
+        f"applies only to parallel.strategy=fsdp (HSDP); got {replicate} with {cfg.parallel.strategy}",
     )
     require(cfg.parallel.bucket_cap_mb > 0, "parallel.bucket_cap_mb", f"must be > 0, got {cfg.parallel.bucket_cap_mb}")
     require(

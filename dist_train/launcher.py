@@ -97,10 +97,10 @@ def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions
     return cmd + ["-m", "dist_train.cli", verb, config_path, *overrides]
 
 
-def preflight(cfg: Config, world_size: int) -> None:
+def preflight(cfg: Config, world_size: int, local_world_size: int | None = None) -> None:
     """Mistakes the workers would hit on their first line, caught before any worker starts."""
     check_device(cfg, torch.cuda.is_available())
-    check_world_size(cfg.parallel.strategy, world_size)
+    check_world_size(cfg.parallel, world_size, local_world_size)
     if cfg.checkpoint.resume not in ("auto",):
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
 
@@ -123,7 +123,7 @@ def prepare_node(cfg: Config, nnodes: int) -> dict[str, str]:
 def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOptions, verb: str = "train") -> int:
     cmd = torchrun_command(config_path, overrides, opts, verb)
     nproc = resolve_nproc(opts.nproc_per_node)
-    preflight(cfg, nproc * opts.nnodes)
+    preflight(cfg, nproc * opts.nnodes, nproc)
     added_env = prepare_node(cfg, opts.nnodes)
     print("+ " + shlex.join(cmd), flush=True)
     cpus = worker_env.available_cpus()  # inherited by the workers

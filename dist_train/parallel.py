@@ -5,9 +5,11 @@ strategy code: DCP's get_state_dict/set_state_dict speak every wrapping."""
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_train.config import ConfigError, ParallelConfig
 from dist_train.distributed import DistEnv
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 class SingleProcess:
@@ -32,6 +37,10 @@ class SingleProcess:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def describe_mesh(self) -> str | None:
+        """The device mesh as one line for the start of the log; None without one."""
+        return None
 
 
 class DDP(SingleProcess):
@@ -115,8 +124,8 @@ class FSDP(SingleProcess):
 
     name = "fsdp"
 
-    def __init__(self, env: DistEnv, cfg: ParallelConfig, precision: str) -> None:
-        self.env, self.cfg, self.precision = env, cfg, precision
+    def __init__(self, env: DistEnv, cfg: ParallelConfig, precision: str, mesh: DeviceMesh | None = None) -> None:
+        self.env, self.cfg, self.precision, self.mesh = env, cfg, precision, mesh
         # bf16 params and compute with fp32 gradient reduction; FSDP casts, so no autocast.
         self.handles_precision = precision == "bf16"
         self._last_micro_batch: bool | None = None  # what gradient_sync last set
@@ -124,7 +133,8 @@ class FSDP(SingleProcess):
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        common: dict = {}
+        # No mesh: fully_shard's default, a 1-D mesh over the whole world (plain FSDP).
+        common: dict = {} if self.mesh is None else {"mesh": self.mesh}
         if self.cfg.cpu_offload:
             # Pinned host memory speeds copies to a GPU and needs one.
             common["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
@@ -162,24 +172,81 @@ class FSDP(SingleProcess):
             # next micro-batch's forward: one all-gather per micro-batch, not two, for the
             # memory of the unsharded parameters between micro-batches.
             model.set_requires_gradient_sync(last_micro_batch or self.cfg.sync_every_micro_batch)
+            if self.hybrid:
+                # HSDP with sync_every_micro_batch: each micro-batch's reduce-scatter stays
+                # within the node; the all-reduce across nodes waits for the sum of the shards.
+                model.set_requires_all_reduce(last_micro_batch)
             model.set_reshard_after_backward(last_micro_batch)
             self._last_micro_batch = last_micro_batch
         return contextlib.nullcontext()
 
+    @property
+    def hybrid(self) -> bool:
+        """HSDP: the parameters are replicated over a dp_replicate dimension of the mesh."""
+        return self.mesh is not None and "dp_replicate" in (self.mesh.mesh_dim_names or ())
 
-def check_world_size(strategy: str, world_size: int) -> None:
-    if strategy == "none" and world_size > 1:
+    def describe_mesh(self) -> str:
+        if self.mesh is None:
+            return f"mesh: dp_shard={self.env.world_size} (FSDP)"
+        named = zip(self.mesh.mesh_dim_names, self.mesh.shape, strict=True)
+        sizes = " x ".join(f"{name}={size}" for name, size in named)
+        return f"mesh: {sizes} (HSDP)" if self.hybrid else f"mesh: {sizes}"
+
+
+def check_world_size(cfg: ParallelConfig, world_size: int, local_world_size: int | None = None) -> None:
+    """The world-size-dependent checks, before any worker starts (launcher) and in each worker.
+    local_world_size: processes per node (None: all on one node)."""
+    if cfg.strategy == "none" and world_size > 1:
         raise ConfigError(
             f"parallel.strategy=none cannot train with {world_size} processes "
             "(each would train its own model); use parallel.strategy=ddp"
         )
+    if cfg.strategy == "fsdp":
+        mesh_shape(cfg, world_size, local_world_size)
+
+
+def mesh_shape(cfg: ParallelConfig, world_size: int, local_world_size: int | None = None) -> dict[str, int]:
+    """The named data-parallel mesh dimensions and their sizes, outermost (slowest links) first.
+    A new parallelism (tp) is one more name here, innermost, and a divisor of the shard size."""
+    replicate = cfg.replicate_degree
+    if replicate == "auto":
+        per_node = local_world_size or world_size
+        if world_size % per_node:
+            raise ConfigError(
+                f"parallel.replicate_degree=auto needs the same number of processes on every node; "
+                f"{world_size} processes are not a multiple of {per_node} per node"
+            )
+        replicate = world_size // per_node
+    if world_size % replicate:
+        raise ConfigError(
+            f"parallel.replicate_degree={replicate} does not divide the world size of {world_size} processes"
+        )
+    return {"dp_replicate": replicate, "dp_shard": world_size // replicate}
+
+
+def build_mesh(cfg: ParallelConfig, env: DistEnv, local_world_size: int | None = None) -> DeviceMesh | None:
+    """The device mesh FSDP shards over, or None for fully_shard's default 1-D mesh over the
+    world: plain FSDP (replicate_degree 1) takes exactly the code path it took before meshes."""
+    if cfg.strategy != "fsdp":
+        return None
+    shape = mesh_shape(cfg, env.world_size, local_world_size)
+    if shape["dp_replicate"] == 1:
+        return None
+    # Both dimensions stay, even a dp_shard of 1 (pure replication): fully_shard shards over
+    # any 1-D mesh and replicates only over the first dimension of a 2-D one.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # Ranks are laid out row-major: consecutive ranks (one node's) share a dp_shard group, so
+    # the all-gathers and reduce-scatters stay on the node's fast links (NVLink).
+    return init_device_mesh(env.device.type, tuple(shape.values()), mesh_dim_names=tuple(shape))
 
 
 Strategy = SingleProcess  # the interface every strategy implements
 
 
 def build_strategy(cfg: ParallelConfig, env: DistEnv, precision: str = "fp32") -> SingleProcess:
-    check_world_size(cfg.strategy, env.world_size)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # torchrun sets it
+    check_world_size(cfg, env.world_size, local_world_size)
     if cfg.strategy == "ddp" and env.world_size > 1:
         # With one process DDP only adds its hooks and bucket copies (about 10% of a small
         # model's step on a CPU): it trains as `none`, whose checkpoints are the same.
@@ -189,5 +256,5 @@ def build_strategy(cfg: ParallelConfig, env: DistEnv, precision: str = "fp32") -
             raise ConfigError("parallel.strategy=fsdp needs a process group: start it with dist-train launch")
         if precision == "fp16":
             raise ConfigError("train.precision=fp16 is not supported with parallel.strategy=fsdp; use bf16")
-        return FSDP(env, cfg, precision)
+        return FSDP(env, cfg, precision, build_mesh(cfg, env, local_world_size))
     return SingleProcess()

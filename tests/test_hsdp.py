@@ -1,0 +1,201 @@
+"""HSDP (parallel.replicate_degree) through real torchrun, 4 gloo processes on CPU: the same
+numbers as DDP and plain FSDP, resume across meshes and world sizes, and the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, cli_env, run_cli, tiny_overrides, write_text_corpus
+
+from dist_train import checkpoint
+from dist_train.config import ConfigError, ParallelConfig
+from dist_train.parallel import mesh_shape
+
+GPT = {
+    "data.dataset": "text",
+    "data.seq_len": 32,
+    "data.batch_size": 4,  # x 4 processes: a global batch of 16
+    "model.name": "gpt",
+    "model.n_layer": 2,
+    "model.width": 32,
+    "model.n_head": 2,
+    "optim.name": "adamw",
+    "optim.lr": 0.003,
+    "schedule.warmup_steps": 2,
+    "train.max_steps": 10,
+    "train.log_every": 1,
+    "train.eval_batches": 2,
+    "checkpoint.every_steps": 0,
+}
+HSDP = {"parallel.strategy": "fsdp", "parallel.replicate_degree": 2}
+
+
+def _launch(root, name, nproc=4, **overrides):
+    paths = write_text_corpus(root / "corpus")
+    values = {"run.name": name, "data.paths": json.dumps(paths), **GPT, **overrides}
+    proc = run_cli(
+        "launch", "configs/gpt_cpu.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(root, **values), cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _params(root, name):
+    return checkpoint.read_full_state(checkpoint.latest_valid(root / "runs" / name / "checkpoints"), "model")
+
+
+def _logged(root, name, key):
+    lines = (root / "runs" / name / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """10 steps of the same global batch of 16 on 4 processes: HSDP 2x2, DDP and plain FSDP
+    (replicate_degree auto: one node, so one replica). Shared: each torchrun start costs seconds."""
+    root = tmp_path_factory.mktemp("hsdp")
+    stdout = {
+        "hsdp": _launch(root, "hsdp", **HSDP).stdout,
+        "ddp": _launch(root, "ddp", **{"parallel.strategy": "ddp"}).stdout,
+        "fsdp": _launch(root, "fsdp", **{"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto"}).stdout,
+    }
+    return root, stdout
+
+
+def test_hsdp_matches_ddp_and_fsdp_step_by_step(uninterrupted):
+    root, stdout = uninterrupted
+    assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in stdout["hsdp"]
+    assert "mesh: dp_shard=4 (FSDP)" in stdout["fsdp"] and "mesh:" not in stdout["ddp"]
+    hsdp = _logged(root, "hsdp", "loss")
+    assert sorted(hsdp) == list(range(1, 11))
+    for other in ("ddp", "fsdp"):
+        assert _logged(root, other, "loss").keys() == hsdp.keys()
+        for step, loss in _logged(root, other, "loss").items():
+            assert abs(hsdp[step] - loss) < 1e-4, (other, step)
+        # gpt_cpu.yaml clips at 1.0: the norm of gradients sharded over a 2-D mesh is the global one.
+        for step, norm in _logged(root, other, "grad_norm").items():
+            assert abs(_logged(root, "hsdp", "grad_norm")[step] - norm) < 1e-4 * norm, (other, step)
+    final = {name: _params(root, name) for name in ("hsdp", "ddp", "fsdp")}
+    assert final["hsdp"].keys() == final["ddp"].keys() and "blocks.0.attn.qkv.weight" in final["hsdp"]
+    for key, tensor in final["hsdp"].items():
+        torch.testing.assert_close(tensor, final["ddp"][key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tensor, final["fsdp"][key], rtol=1e-4, atol=1e-5)
+    # Sharded within a replica of 2 processes: about half of DDP's bytes per rank, twice FSDP's.
+    state_mb = {name: _logged(root, name, "param_optim_mb")[10] for name in ("hsdp", "ddp", "fsdp")}
+    assert 0.4 * state_mb["ddp"] < state_mb["hsdp"] < 0.6 * state_mb["ddp"], state_mb
+    assert 1.6 * state_mb["fsdp"] < state_mb["hsdp"] < 2.4 * state_mb["fsdp"], state_mb
+
+
+def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
+    # 4 -> 2 -> 4 -> 2 -> 4 processes, each segment 2 steps of the same global batch of 16, each
+    # resuming the previous one's checkpoint: HSDP 2x2, FSDP on 2 (accumulating 2 micro-batches),
+    # pure replication on a 4x1 mesh (micro-batches of 2), DDP on 2 (4 micro-batches), then HSDP
+    # 2x2 with every memory option, compile and per-micro-batch reduce-scatter. Together: one
+    # uninterrupted run. (A new world size keeps the micro-batch: accumulation adapts.)
+    root, _ = uninterrupted
+    accum = {"data.batch_size": 2, "train.grad_accum_steps": 2}
+    options = {
+        "parallel.activation_checkpointing": True,
+        "parallel.cpu_offload": True,
+        "parallel.sync_every_micro_batch": True,
+    }
+    if shutil.which("cc"):  # torch.compile's CPU backend needs a C compiler
+        options["train.compile"] = True
+    segments = [
+        (4, HSDP),
+        (2, {"parallel.strategy": "fsdp"}),
+        (4, {"parallel.strategy": "fsdp", "parallel.replicate_degree": 4, **accum}),
+        (2, {"parallel.strategy": "ddp", **accum}),  # 4 micro-batches of 2 make up the 16
+        (4, {**HSDP, **accum, **options}),
+    ]
+    stdout = []
+    for index, (nproc, overrides) in enumerate(segments):
+        stop = {"train.stop_at_step": 2 * index + 2} if index < len(segments) - 1 else {}
+        stdout.append(_launch(root, "elastic", nproc=nproc, **overrides, **stop).stdout)
+        if index:
+            assert f"at step {2 * index}" in stdout[-1]
+    assert "mesh: dp_replicate=4 x dp_shard=1 (HSDP)" in stdout[2]
+    straight, elastic = _logged(root, "hsdp", "loss"), _logged(root, "elastic", "loss")
+    assert elastic.keys() == straight.keys()
+    for step, loss in elastic.items():  # the same samples per step, only summed in another order
+        assert abs(loss - straight[step]) < 1e-4, step
+    resumed, reference = _params(root, "elastic"), _params(root, "hsdp")
+    for key, tensor in reference.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=1e-4, atol=1e-5)
+    saved = checkpoint.latest_valid(root / "runs" / "elastic" / "checkpoints")
+    optim = checkpoint.read_full_state(saved, "optim")
+    assert "state.blocks.0.attn.qkv.weight.exp_avg" in optim  # keyed by parameter name, gathered whole
+
+
+@pytest.mark.parametrize(
+    "nproc, overrides, message",
+    [
+        (4, {**HSDP, "parallel.replicate_degree": 3}, "parallel.replicate_degree=3 does not divide the world size"),
+        (2, {"parallel.strategy": "ddp", "parallel.replicate_degree": 2}, "parallel.replicate_degree applies only"),
+        (2, {"parallel.strategy": "fsdp", "parallel.replicate_degree": 0}, "parallel.replicate_degree must be >= 1"),
+        (2, {"parallel.strategy": "fsdp", "parallel.replicate_degree": "two"}, "parallel.replicate_degree must be"),
+    ],
+)
+def test_bad_replicate_degrees_are_refused_in_one_line(tmp_path, nproc, overrides, message):
+    overrides = tiny_overrides(tmp_path, **overrides)
+    proc = run_cli("launch", "configs/digits.yaml", "--nproc-per-node", str(nproc), *overrides, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # refused before any worker started
+
+
+def test_mesh_shape_per_node_and_refusals():
+    fsdp = ParallelConfig(strategy="fsdp", replicate_degree="auto")
+    assert mesh_shape(fsdp, 16, 8) == {"dp_replicate": 2, "dp_shard": 8}  # one replica per node
+    assert mesh_shape(fsdp, 4) == {"dp_replicate": 1, "dp_shard": 4}  # one node
+    assert mesh_shape(ParallelConfig(strategy="fsdp", replicate_degree=4), 8) == {"dp_replicate": 4, "dp_shard": 2}
+    with pytest.raises(ConfigError, match="replicate_degree=auto needs the same number of processes"):
+        mesh_shape(fsdp, 12, 8)
+
+
+def test_auto_is_one_replica_per_node_of_two_node_agents(tmp_path):
+    # Two torchrun agents of 2 processes each rendezvous on this machine, as two nodes would.
+    port = _free_port()
+    values = {"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto", "train.max_steps": 2}
+    overrides = tiny_overrides(tmp_path, **values)
+    procs = []
+    for node_rank in (0, 1):
+        env = cli_env() | {
+            "PYTHON": sys.executable,
+            "NNODES": "2",
+            "NODE_RANK": str(node_rank),
+            "NPROC": "2",
+            "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+            "RDZV_ID": f"hsdp{port}",
+        }
+        command = ["bash", "launch/multi_node.sh", "configs/digits.yaml", *overrides]
+        procs.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    # c10d rendezvous decides which node hosts global rank 0, so look at both outputs.
+    assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in "".join(outputs)
+    assert checkpoint.latest_valid(tmp_path / "runs" / "digits" / "checkpoints").name == "step_00000002"
+
+
+def test_find_lr_runs_on_the_hsdp_mesh(tmp_path):
+    paths = write_text_corpus(tmp_path / "corpus")
+    values = {"data.paths": json.dumps(paths), **GPT, **HSDP, "run.name": "lr"}
+    overrides = tiny_overrides(tmp_path, **values)
+    proc = run_cli("find-lr", "configs/gpt_cpu.yaml", "--nproc-per-node", "4", "--steps", "20", *overrides, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "use: optim.lr=" in proc.stdout
