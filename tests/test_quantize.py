@@ -137,8 +137,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(digits_run, tmp_path):
 
 def test_int8_static_quantizes_a_residual_block_that_calls_one_relu_twice():
     """torchvision's ResNet blocks call one nn.ReLU twice; PT2E grouped both calls into one
-    partition, which X86InductorQuantizer refused. Now every convolution gets int8 weights and
-    the program's outputs stay near the fp32 model's."""
+    partition, which X86InductorQuantizer refused. Now every convolution gets int8 weights, kept
+    without their fp32 originals, and the program's outputs stay near the fp32 model's."""
     from user_models import residual_convnet
 
     from dist_train.quantize import _program
@@ -147,10 +147,11 @@ def test_int8_static_quantizes_a_residual_block_that_calls_one_relu_twice():
     model = residual_convnet(10, (3, 8, 8)).eval()
     example = torch.randn(4, 3, 8, 8)
     calibration = [torch.randn(16, 3, 8, 8) for _ in range(4)]
-    quantized = _program(model, "int8-static", example, calibration).module()
-    int8_weights = [t for t in [*quantized.parameters(), *quantized.buffers()] if t.dtype == torch.int8]
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(int8_weights) >= len(convs) == 3
+    program = _program(model, "int8-static", example, calibration)
+    # Every convolution's weight is stored once, as int8: the fp32 one it was folded from is gone.
+    conv_weights = [t for t in program.state_dict.values() if t.dim() == 4]
+    assert len(conv_weights) == 3 and all(t.dtype == torch.int8 for t in conv_weights)
+    quantized = program.module()
     with torch.no_grad():
         want, got = model(example), quantized(example)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
