@@ -99,11 +99,12 @@ def test_hsdp_matches_ddp_and_fsdp_step_by_step(uninterrupted):
 
 
 def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
-    # 4 -> 2 -> 4 -> 2 -> 4 processes, each segment 2 steps of the same global batch of 16, each
+    # 4 -> 2 -> 2 -> 4 processes, each segment 2 steps of the same global batch of 16, each
     # resuming the previous one's checkpoint: HSDP 2x2, FSDP on 2 (accumulating 2 micro-batches),
-    # pure replication on a 4x1 mesh (micro-batches of 2), DDP on 2 (4 micro-batches), then HSDP
-    # 2x2 with every memory option, compile and per-micro-batch reduce-scatter. Together: one
-    # uninterrupted run. (A new world size keeps the micro-batch: accumulation adapts.)
+    # DDP on 2 (4 micro-batches), then HSDP 2x2 with every memory option, compile and
+    # per-micro-batch reduce-scatter. Together: one uninterrupted run. (A new world size keeps
+    # the micro-batch: accumulation adapts.) Each segment costs ~30 s of CI, so a 4x1 mesh
+    # (pure replication) is not in the chain.
     root, _ = uninterrupted
     accum = {"data.batch_size": 2, "train.grad_accum_steps": 2}
     options = {
@@ -116,8 +117,7 @@ def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
     segments = [
         (4, HSDP),
         (2, {"parallel.strategy": "fsdp"}),
-        (4, {"parallel.strategy": "fsdp", "parallel.replicate_degree": 4, **accum}),
-        (2, {"parallel.strategy": "ddp", **accum}),  # 4 micro-batches of 2 make up the 16
+        (2, {"parallel.strategy": "ddp", "data.batch_size": 2, "train.grad_accum_steps": 4}),  # 2 x 2 x 4 = 16
         (4, {**HSDP, **accum, **options}),
     ]
     stdout = []
@@ -126,7 +126,7 @@ def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
         stdout.append(_launch(root, "elastic", nproc=nproc, **overrides, **stop).stdout)
         if index:
             assert f"at step {2 * index}" in stdout[-1]
-    assert "mesh: dp_replicate=4 x dp_shard=1 (HSDP)" in stdout[2]
+    assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in stdout[0] and "mesh: dp_shard=2 (FSDP)" in stdout[1]
     straight, elastic = _logged(root, "hsdp", "loss"), _logged(root, "elastic", "loss")
     assert elastic.keys() == straight.keys()
     for step, loss in elastic.items():  # the same samples per step, only summed in another order
@@ -190,12 +190,3 @@ def test_auto_is_one_replica_per_node_of_two_node_agents(tmp_path):
     # c10d rendezvous decides which node hosts global rank 0, so look at both outputs.
     assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in "".join(outputs)
     assert checkpoint.latest_valid(tmp_path / "runs" / "digits" / "checkpoints").name == "step_00000002"
-
-
-def test_find_lr_runs_on_the_hsdp_mesh(tmp_path):
-    paths = write_text_corpus(tmp_path / "corpus")
-    values = {"data.paths": json.dumps(paths), **GPT, **HSDP, "run.name": "lr"}
-    overrides = tiny_overrides(tmp_path, **values)
-    proc = run_cli("find-lr", "configs/gpt_cpu.yaml", "--nproc-per-node", "4", "--steps", "20", *overrides, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "use: optim.lr=" in proc.stdout
