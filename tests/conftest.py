@@ -109,3 +109,54 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_node_agents(overrides: list[str], nproc_per_node: int, config: str = "configs/digits.yaml") -> list[str]:
+    """Two torchrun agents started by launch/multi_node.sh rendezvous on this machine, as two
+    nodes would; returns each agent's output once both exited (asserting they succeeded)."""
+    port, procs = free_port(), []
+    for node_rank in (0, 1):
+        env = cli_env() | {
+            "PYTHON": sys.executable,
+            "NNODES": "2",
+            "NODE_RANK": str(node_rank),
+            "NPROC": str(nproc_per_node),
+            "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+            "RDZV_ID": f"agents{port}",
+        }
+        command = ["bash", "launch/multi_node.sh", config, *overrides]
+        procs.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    return outputs
+
+
+def launch_gpt(root: Path, name: str, gpt: dict, nproc: int, **overrides: object) -> subprocess.CompletedProcess:
+    """`dist-train launch` of configs/gpt_cpu.yaml with a tiny GPT (`gpt`: its overrides) on a
+    generated corpus, as run `name` under root/runs; asserts it succeeded."""
+    import json
+
+    paths = write_text_corpus(root / "corpus")
+    values = {"run.name": name, "data.paths": json.dumps(paths), **gpt, **overrides}
+    proc = run_cli(
+        "launch", "configs/gpt_cpu.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(root, **values), cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def final_model(root: Path, name: str) -> dict:
+    """The model tensors of run `name`'s newest valid checkpoint, whole."""
+    from dist_train import checkpoint
+
+    return checkpoint.read_full_state(checkpoint.latest_valid(root / "runs" / name / "checkpoints"), "model")

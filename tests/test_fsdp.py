@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, cli_env, run_cli, tiny_overrides, write_text_corpus
+from conftest import REPO, cli_env, final_model, launch_gpt, run_cli, tiny_overrides
 
 from dist_train import checkpoint
 
@@ -33,18 +33,10 @@ GPT = {
 
 
 def _launch(tmp_path, name, nproc=2, **overrides):
-    paths = write_text_corpus(tmp_path / "corpus")
-    values = {"run.name": name, "data.paths": json.dumps(paths), **GPT, **overrides}
-    proc = run_cli(
-        "launch", "configs/gpt_cpu.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(tmp_path, **values), cwd=REPO
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+    return launch_gpt(tmp_path, name, GPT, nproc, **overrides)
 
 
-def _params(tmp_path, name):
-    root = tmp_path / "runs" / name / "checkpoints"
-    return checkpoint.read_full_state(checkpoint.latest_valid(root), "model")
+_params = final_model
 
 
 def _metric_lines(tmp_path, name="elastic"):

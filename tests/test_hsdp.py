@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, cli_env, run_cli, tiny_overrides, write_text_corpus
+from conftest import REPO, final_model, launch_gpt, run_cli, tiny_overrides, two_node_agents
 
 from dist_train import checkpoint
 from dist_train.config import ConfigError, ParallelConfig
@@ -37,23 +34,10 @@ HSDP = {"parallel.strategy": "fsdp", "parallel.replicate_degree": 2}
 
 
 def _launch(root, name, nproc=4, **overrides):
-    paths = write_text_corpus(root / "corpus")
-    values = {"run.name": name, "data.paths": json.dumps(paths), **GPT, **overrides}
-    proc = run_cli(
-        "launch", "configs/gpt_cpu.yaml", "--nproc-per-node", str(nproc), *tiny_overrides(root, **values), cwd=REPO
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+    return launch_gpt(root, name, GPT, nproc, **overrides)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _params(root, name):
-    return checkpoint.read_full_state(checkpoint.latest_valid(root / "runs" / name / "checkpoints"), "model")
+_params = final_model
 
 
 def _logged(root, name, key):
@@ -168,25 +152,8 @@ def test_mesh_shape_per_node_and_refusals():
 
 def test_auto_is_one_replica_per_node_of_two_node_agents(tmp_path):
     # Two torchrun agents of 2 processes each rendezvous on this machine, as two nodes would.
-    port = _free_port()
     values = {"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto", "train.max_steps": 2}
-    overrides = tiny_overrides(tmp_path, **values)
-    procs = []
-    for node_rank in (0, 1):
-        env = cli_env() | {
-            "PYTHON": sys.executable,
-            "NNODES": "2",
-            "NODE_RANK": str(node_rank),
-            "NPROC": "2",
-            "RDZV_ENDPOINT": f"127.0.0.1:{port}",
-            "RDZV_ID": f"hsdp{port}",
-        }
-        command = ["bash", "launch/multi_node.sh", "configs/digits.yaml", *overrides]
-        procs.append(
-            subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    outputs = two_node_agents(tiny_overrides(tmp_path, **values), 2)
     # c10d rendezvous decides which node hosts global rank 0, so look at both outputs.
     assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in "".join(outputs)
     assert checkpoint.latest_valid(tmp_path / "runs" / "digits" / "checkpoints").name == "step_00000002"

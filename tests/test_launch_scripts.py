@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
 
-from conftest import REPO, cli_env, tiny_overrides
+from conftest import REPO, cli_env, tiny_overrides, two_node_agents
 
 from dist_train import checkpoint
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_node_agents_train_one_job(tmp_path):
-    port = _free_port()
-    overrides = tiny_overrides(tmp_path, **{"parallel.strategy": "ddp", "train.max_steps": 4})
-    procs = []
-    for node_rank in (0, 1):
-        env = cli_env() | {
-            "PYTHON": sys.executable,
-            "NNODES": "2",
-            "NODE_RANK": str(node_rank),
-            "NPROC": "1",
-            "RDZV_ENDPOINT": f"127.0.0.1:{port}",
-            "RDZV_ID": f"test{port}",
-        }
-        procs.append(
-            subprocess.Popen(
-                ["bash", "launch/multi_node.sh", "configs/digits.yaml", *overrides],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    outputs = two_node_agents(tiny_overrides(tmp_path, **{"parallel.strategy": "ddp", "train.max_steps": 4}), 1)
     assert "--nnodes=2" in outputs[0] and "--node-rank=1" in outputs[1]
     # c10d rendezvous decides which node hosts global rank 0, so look at both outputs.
     assert "training 4 steps of global batch 32 (2 x 16 x 1" in "".join(outputs)
