@@ -155,12 +155,12 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             f"({env.world_size} x {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation) "
             f"on {env.device}, {', '.join(settings)}"
         )
-        if strategy.describe_mesh():
-            logger.message(strategy.describe_mesh())
+        mesh = strategy.describe_mesh()
+        if mesh:
+            logger.message(mesh)
         if data.baseline_val_loss is not None:
             logger.message(f"baseline: val_loss={data.baseline_val_loss:.4g} predicting from token frequencies alone")
 
-        saver = None
         if cfg.checkpoint.async_save:
             saver = AsyncCheckpointer(env, cfg.parallel.collective_timeout_s, logger.message)
 
