@@ -662,6 +662,11 @@ def validate(cfg: Config) -> None:
         "train.channels_last",
         "cannot be true with parallel.strategy=fsdp: FSDP2 shards only contiguous (NCHW) parameters; use auto",
     )
+    require(
+        not (t.precision == "fp16" and cfg.parallel.strategy == "fsdp"),
+        "train.precision",
+        "fp16 is not supported with parallel.strategy=fsdp; use bf16",
+    )
     replicate = cfg.parallel.replicate_degree
     require(
         replicate == "auto" or replicate >= 1,

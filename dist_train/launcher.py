@@ -23,6 +23,7 @@ import torch
 
 from dist_train import checkpoint, slurm, worker_env
 from dist_train.config import Config, UserError, check_device
+from dist_train.optim import check_fused
 from dist_train.parallel import check_world_size
 from dist_train.preemption import PREEMPTED_EXIT_CODE, STOPPED_MARKER
 
@@ -97,10 +98,12 @@ def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions
     return cmd + ["-m", "dist_train.cli", verb, config_path, *overrides]
 
 
-def preflight(cfg: Config, world_size: int, local_world_size: int | None = None) -> None:
-    """Mistakes the workers would hit on their first line, caught before any worker starts."""
-    check_device(cfg, torch.cuda.is_available())
+def preflight(cfg: Config, world_size: int, local_world_size: int | None = None, cuda: bool | None = None) -> None:
+    """Mistakes the workers would hit on their first line, caught before any worker starts.
+    `cuda`: whether the workers train on GPUs (None: whether this machine has one)."""
+    check_device(cfg, torch.cuda.is_available() if cuda is None else cuda)
     check_world_size(cfg.parallel, world_size, local_world_size)
+    check_fused(cfg.optim, cfg.parallel)
     if cfg.checkpoint.resume not in ("auto",):
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
 

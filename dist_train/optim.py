@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from dist_train.config import ConfigError, OptimConfig, ScheduleConfig, resolve_auto
+from dist_train.config import ConfigError, OptimConfig, ParallelConfig, ScheduleConfig, resolve_auto
 from dist_train.finetune import longest_match, unmatched_prefix_error, user_named_parameters
 
 
@@ -40,11 +40,43 @@ def param_groups(
     return groups
 
 
-def use_fused(setting: bool | str, device: torch.device, cpu_offload: bool) -> bool:
-    """optim.fused: `auto` fuses where the parameters live on a GPU. There a fused step is one
-    kernel launch per parameter group instead of several per tensor, and it reads
-    GradScaler's inf flag on the device, where the unfused step syncs the host every step."""
-    return resolve_auto(setting, when_auto=device.type == "cuda" and not cpu_offload)
+def use_fused(cfg: OptimConfig, parallel: ParallelConfig, device: torch.device) -> bool:
+    """optim.fused: `auto` fuses where the parameters live on a GPU and the kernel can run on them.
+    There a fused step is one kernel launch per parameter group instead of several per tensor,
+    and it reads GradScaler's inf flag on the device, where the unfused step syncs the host
+    every step. Under FSDP an optimizer whose fused kernel DTensor cannot run (SGD) takes
+    torch's foreach kernels instead; `true` there is refused by check_fused."""
+    sharded = parallel.strategy == "fsdp"
+    on_gpu = device.type == "cuda" and not (sharded and parallel.cpu_offload)
+    return resolve_auto(cfg.fused, when_auto=on_gpu and (not sharded or fused_runs_on_dtensor(cfg.name)))
+
+
+def check_fused(cfg: OptimConfig, parallel: ParallelConfig) -> None:
+    """optim.fused=true with a kernel the strategy's parameters cannot take: one line, before
+    any worker starts, rather than a NotImplementedError from inside the first step."""
+    if cfg.fused is True and parallel.strategy == "fsdp" and not fused_runs_on_dtensor(cfg.name):
+        raise ConfigError(
+            f"optim.fused=true: torch {torch.__version__.split('+')[0]} has no fused {cfg.name} kernel for FSDP's "
+            "sharded (DTensor) parameters; use optim.fused=auto (foreach kernels) or optim.name=adamw"
+        )
+
+
+FUSED_OPS = {"sgd": "_fused_sgd_", "adam": "_fused_adam_", "adamw": "_fused_adamw_"}
+
+
+def fused_runs_on_dtensor(name: str) -> bool:
+    """Whether DTensor has a sharding rule for this optimizer's fused kernel. Torch 2.6 to 2.14
+    register one for Adam and AdamW only (torch/distributed/tensor/_ops/_pointwise_ops.py);
+    asked of torch itself, so a release that adds SGD is used as soon as it is installed."""
+    op = getattr(torch.ops.aten, FUSED_OPS[name]).default
+    try:
+        from torch.distributed.tensor import DTensor
+
+        propagator = DTensor._op_dispatcher.sharding_propagator
+    except (ImportError, AttributeError):  # DTensor's internals moved: what 2.6-2.14 register
+        return name in ("adam", "adamw")
+    registries = ("op_strategy_funcs", "op_single_dim_strategy_funcs", "op_to_rules")  # where each release keeps them
+    return any(op in getattr(propagator, registry, {}) for registry in registries)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:

@@ -254,7 +254,5 @@ def build_strategy(cfg: ParallelConfig, env: DistEnv, precision: str = "fp32") -
     if cfg.strategy == "fsdp":
         if not env.is_distributed:
             raise ConfigError("parallel.strategy=fsdp needs a process group: start it with dist-train launch")
-        if precision == "fp16":
-            raise ConfigError("train.precision=fp16 is not supported with parallel.strategy=fsdp; use bf16")
         return FSDP(env, cfg, precision, build_mesh(cfg, env, local_world_size))
     return SingleProcess()

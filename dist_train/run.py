@@ -21,7 +21,7 @@ from dist_train.data import DataPipeline, Datasets
 from dist_train.distributed import DistEnv, broadcast_module, use_channels_last
 from dist_train.logger import RunLogger
 from dist_train.models import build_model
-from dist_train.optim import build_optimizer, use_fused
+from dist_train.optim import build_optimizer, check_fused, use_fused
 from dist_train.parallel import Strategy, prepare_blocks
 from dist_train.preemption import StopRequest
 from dist_train.prune import NoSparsity, Sparsity
@@ -134,6 +134,6 @@ def build_trainable(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = strategy.wrap(prepare_blocks(model, cfg.parallel.activation_checkpointing, cfg.train.compile))
-    offloaded = strategy.name == "fsdp" and cfg.parallel.cpu_offload
-    fused = use_fused(cfg.optim.fused, env.device, cpu_offload=offloaded)
+    check_fused(cfg.optim, cfg.parallel)
+    fused = use_fused(cfg.optim, cfg.parallel, env.device)
     return Trainable(model, build_optimizer(cfg.optim, model, fused), fused, channels_last, notes)

@@ -87,14 +87,32 @@ def test_onecycle_warmup_longer_than_the_run_is_a_config_error():
         build_scheduler(ScheduleConfig(name="onecycle", warmup_steps=50), opt, 44)
 
 
-def test_fused_steps_where_parameters_live_on_a_gpu():
+def test_fused_steps_where_parameters_live_on_a_gpu_and_the_kernel_runs_on_them():
+    from dist_train.config import ParallelConfig
     from dist_train.optim import use_fused
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert use_fused("auto", cuda, cpu_offload=False)
-    assert not use_fused("auto", cuda, cpu_offload=True)  # the step then runs on CPU shards
-    assert not use_fused("auto", cpu, cpu_offload=False)
-    assert use_fused(True, cpu, cpu_offload=False) and not use_fused(False, cuda, cpu_offload=False)
+    ddp, fsdp = ParallelConfig(strategy="ddp"), ParallelConfig(strategy="fsdp")
+    offloaded = ParallelConfig(strategy="fsdp", cpu_offload=True)
+    for name in ("sgd", "adam", "adamw"):
+        auto, on, off = (OptimConfig(name=name, fused=setting) for setting in ("auto", True, False))
+        assert use_fused(auto, ddp, cuda) and not use_fused(auto, ddp, cpu)
+        assert not use_fused(auto, offloaded, cuda)  # the step then runs on CPU shards
+        assert use_fused(on, ddp, cpu) and not use_fused(off, ddp, cuda)
+        # DTensor has a sharding rule for fused Adam and AdamW, none for fused SGD (torch 2.6-2.14).
+        assert use_fused(auto, fsdp, cuda) is (name != "sgd")
+
+
+def test_a_fused_kernel_fsdp_cannot_run_is_refused_in_one_line():
+    from dist_train.config import ConfigError, ParallelConfig
+    from dist_train.optim import check_fused, fused_runs_on_dtensor
+
+    assert not fused_runs_on_dtensor("sgd") and fused_runs_on_dtensor("adam") and fused_runs_on_dtensor("adamw")
+    with pytest.raises(ConfigError, match=r"^optim.fused=true: torch [\d.]+ has no fused sgd kernel for FSDP"):
+        check_fused(OptimConfig(name="sgd", fused=True), ParallelConfig(strategy="fsdp"))
+    check_fused(OptimConfig(name="sgd", fused=True), ParallelConfig(strategy="ddp"))
+    check_fused(OptimConfig(name="sgd", fused="auto"), ParallelConfig(strategy="fsdp"))
+    check_fused(OptimConfig(name="adamw", fused=True), ParallelConfig(strategy="fsdp"))
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

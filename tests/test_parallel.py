@@ -104,9 +104,9 @@ def test_fsdp_needs_a_process_group_and_no_fp16():
     env = DistEnv(0, 0, 1, torch.device("cpu"))
     with pytest.raises(ConfigError, match="needs a process group"):
         build_strategy(ParallelConfig(strategy="fsdp"), env)
-    two = DistEnv(0, 0, 2, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="fp16 is not supported"):
-        build_strategy(ParallelConfig(strategy="fsdp"), two, "fp16")
+    # Refused with the config, before any worker starts (launch loads it first).
+    with pytest.raises(ConfigError, match="^train.precision fp16 is not supported with parallel.strategy=fsdp"):
+        load_config(None, ["parallel.strategy=fsdp", "train.precision=fp16", "train.max_steps=1"])
 
 
 def _tiny_gpt():
