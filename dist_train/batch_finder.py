@@ -47,10 +47,12 @@ from dist_train.tasks import LossFn, build_task
 from dist_train.tuning import optimizer_update, tool_run, tool_strategy
 
 # For tests only: a trial of a micro-batch larger than this raises torch.OutOfMemoryError in the
-# model's forward, on the ranks DIST_TRAIN_OOM_RANK lists (comma-separated; unset: every rank).
-# It gives a CPU, which never runs out, an out-of-memory edge at a known size.
+# model's forward, on the ranks DIST_TRAIN_OOM_RANK lists (comma-separated; unset: every rank),
+# or with DIST_TRAIN_OOM_AS=cublas the RuntimeError cuBLAS gives when its workspace allocation
+# fails. It gives a CPU, which never runs out, an out-of-memory edge at a known size.
 OOM_ABOVE_ENV = "DIST_TRAIN_OOM_ABOVE"
 OOM_RANK_ENV = "DIST_TRAIN_OOM_RANK"
+OOM_AS_ENV = "DIST_TRAIN_OOM_AS"
 
 HEADROOM = 0.9  # of the largest micro-batch that fitted, when memory (not the data) bounded it
 
@@ -126,16 +128,12 @@ def search(
 
     seed_everything(cfg.run.seed)
     data = pipeline(1)  # also the one-line errors of a dataset too small for even that
-    # The user's model object is trained on later: the trials step a copy. resuming=True: the
-    # weights do not matter here, so model.init_from is not read.
-    model = None if user_model is None else copy.deepcopy(user_model)
-    trainable = build_trainable(trial_cfg, env, strategy, data, model, resuming=True)
-    run = tool_run(trial_cfg, env, strategy, data, trainable, build_task(cfg.train, loss), lambda step: 1.0)
     cap = None if cfg.data.max_memory_gb is None else cfg.data.max_memory_gb * 2**30
+    trial_run = _trial_run(trial_cfg, env, strategy, data, user_model, loss)
     trials: list[Trial] = []
 
     def attempt(size: int) -> bool:
-        fits, used = _trial(dataclasses.replace(run, data=pipeline(size)), size, cap)
+        fits, used = _trial(dataclasses.replace(trial_run, data=pipeline(size)), size, cap)
         # One MIN all-reduce gives every rank every rank's outcome: slot r is rank r's, the rest 1.
         outcome = torch.ones(env.world_size, device=env.device)
         outcome[env.rank] = float(fits)
@@ -144,22 +142,50 @@ def search(
         trials.append(Trial(size, fits_on, None if most < 0 else most))
         return trials[-1].ok
 
-    fit, fail, size = 0, None, 1
-    while size <= bound and attempt(size):
-        fit, size = size, size * 2
-    if size <= bound:
-        fail = size  # the doubling stopped at a failure
-    elif fit < bound:  # every power of two fitted: the bound itself
-        fit, fail = (bound, None) if attempt(bound) else (fit, bound)
-    while fail is not None and fail - fit > 1:
-        middle = (fit + fail) // 2
-        fit, fail = (middle, fail) if attempt(middle) else (fit, middle)
+    try:
+        fit, fail, size = 0, None, 1
+        while size <= bound and attempt(size):
+            fit, size = size, size * 2
+        if size <= bound:
+            fail = size  # the doubling stopped at a failure
+        elif fit < bound:  # every power of two fitted: the bound itself
+            fit, fail = (bound, None) if attempt(bound) else (fit, bound)
+        while fail is not None and fail - fit > 1:
+            middle = (fit + fail) // 2
+            fit, fail = (middle, fail) if attempt(middle) else (fit, middle)
+    finally:
+        # The trial model, its optimizer state and wrappers go before the real model is built,
+        # whether the search ended or failed: the run trains in the memory they held.
+        trial_run = None
+        release_memory(env.device, compiled=cfg.train.compile)
     if fit == 0:
         limit = f"data.max_memory_gb={cfg.data.max_memory_gb}" if cap is not None else "out of memory"
         ranks = ", ".join(str(r) for r, ok in enumerate(trials[0].fits) if not ok)
         raise BatchSearchError(f"data.batch_size=auto: not even a micro-batch of 1 fits on rank {ranks} ({limit})")
     chosen = fit if fail is None else max(1, int(fit * HEADROOM))
     return BatchSearch(chosen, fit, fail, bound, bound_by, trials, cfg.data.max_memory_gb)
+
+
+def _trial_run(
+    cfg: Config, env: DistEnv, strategy: Strategy, data, user_model: nn.Module | None, loss: LossFn | None
+) -> Run:
+    """What the trials step: the configured model, wrapped and with its optimizer, at lr x 1."""
+    # The user's model object is trained on later: the trials step a copy. resuming=True: the
+    # weights do not matter here, so model.init_from is not read.
+    model = None if user_model is None else copy.deepcopy(user_model)
+    trainable = build_trainable(cfg, env, strategy, data, model, resuming=True)
+    return tool_run(cfg, env, strategy, data, trainable, build_task(cfg.train, loss), lambda step: 1.0)
+
+
+def release_memory(device: torch.device, compiled: bool = False) -> None:
+    """Free what dropped objects still hold: FSDP's states and DDP's reducer sit in reference
+    cycles that only a collection breaks, the CUDA allocator then hands its cached blocks back
+    to the device, and torch.compile's caches drop the graphs specialised on the trial model."""
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
@@ -180,16 +206,30 @@ def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
         elif estimate:
             trainable = sum(local_shard(p.detach()).nbytes for p in run.model.parameters() if p.requires_grad)
             used = float(kept.bytes + param_and_optimizer_bytes(run.model, run.optimizer) + trainable)  # + gradients
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         fits = False
     run.strategy.zero_grad(run.optimizer)
     if not fits:
         # What the failed step held (activations, referenced from its traceback's frames) is
         # freed by a full collection; the CUDA allocator then gives its cached blocks back.
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
     return fits and (cap is None or used is None or used <= cap), used
+
+
+# How CUDA libraries word a failed allocation of their own workspace: cuBLAS and cuDNN ask the
+# caching allocator for it, and a RuntimeError with these words, not torch.OutOfMemoryError,
+# is what reaches Python when there is none left.
+# ("CUDA error: out of memory" is cudaErrorMemoryAllocation from a library's own cudaMalloc.)
+OUT_OF_MEMORY_WORDS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                       "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")  # fmt: skip
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether a failed trial ran out of device memory (then the size does not fit) rather than
+    failing for another reason (then the search stops with that error)."""
+    return isinstance(exc, torch.OutOfMemoryError) or any(words in str(exc) for words in OUT_OF_MEMORY_WORDS)
 
 
 class _SavedForBackward(contextlib.AbstractContextManager):
@@ -230,7 +270,12 @@ def _injected_oom(run: Run, size: int) -> Iterator[None]:
         return
 
     def out_of_memory(module: nn.Module, args: Any) -> None:
-        raise torch.OutOfMemoryError(f"{OOM_ABOVE_ENV}={above}: injected for a micro-batch of {size}")
+        injected = f"{OOM_ABOVE_ENV}={above}: injected for a micro-batch of {size}"
+        if os.environ.get(OOM_AS_ENV) == "cublas":  # as torch's TORCH_CUDABLAS_CHECK words it
+            raise RuntimeError(
+                f"CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`; {injected}"
+            )
+        raise torch.OutOfMemoryError(injected)
 
     handle = run.strategy.unwrap(run.model).register_forward_pre_hook(out_of_memory)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -116,12 +117,43 @@ def ddp_gradients(env: DistEnv) -> dict:
     return {"grads_after_zero_grad": zeroed, "max_gradient_error": max(errors), "is_ddp": type(ddp).__name__}
 
 
+def find_batch_frees_its_trials(env: DistEnv) -> dict:
+    """Which trial objects (the wrapped model, the module, the optimizer) are still alive when
+    the batch-size search returns under DDP and FSDP, whose wrappers sit in reference cycles:
+    nothing here calls gc.collect."""
+    import weakref
+
+    import dist_train.batch_finder as batch_finder
+    from dist_train.config import load_config
+
+    build_trial, alive = batch_finder.build_trainable, {}
+    os.environ[batch_finder.OOM_ABOVE_ENV] = "20"  # a short search, with failed trials
+    for strategy_name in ("ddp", "fsdp"):
+        trial_objects: list[weakref.ref] = []
+
+        def watched(cfg, env, strategy, *args, trial_objects=trial_objects, **kwargs):
+            trainable = build_trial(cfg, env, strategy, *args, **kwargs)
+            held = (trainable.model, strategy.unwrap(trainable.model), trainable.optimizer)
+            trial_objects.extend(weakref.ref(o) for o in held)
+            return trainable
+
+        batch_finder.build_trainable = watched
+        cfg = load_config(Path(__file__).parents[1] / "configs" / "digits.yaml", [f"parallel.strategy={strategy_name}"])
+        strategy = build_strategy(cfg.parallel, env)
+        found = batch_finder.search(cfg, env, strategy)
+        alive[strategy_name] = {"micro_batch": found.micro_batch, "alive": [ref() is not None for ref in trial_objects]}
+    batch_finder.build_trainable = build_trial
+    del os.environ[batch_finder.OOM_ABOVE_ENV]
+    return alive
+
+
 def main(out: Path) -> None:
     with process_group() as env:
         findings = {
             "fsdp_gathers": fsdp_all_gathers_per_micro_batch(env),
             "fsdp_bf16_batchnorm": fsdp_bf16_batchnorm(env),
             "ddp": all_gather_objects(ddp_gradients(env)),
+            "find_batch": find_batch_frees_its_trials(env),
         }
         if env.is_main:
             out.write_text(json.dumps(findings))

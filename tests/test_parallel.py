@@ -239,3 +239,12 @@ def test_ddp_zeroes_bucket_gradients_in_place_and_averages_them_right(two_rank_f
         # Zeroed, not freed: backward accumulates straight into DDP's buckets.
         assert all(value == 0.0 for step in rank["grads_after_zero_grad"] for value in step)
         assert rank["max_gradient_error"] < 1e-6  # nothing left over from the step before
+
+
+def test_find_batch_frees_its_trial_model_optimizer_and_wrapper(two_rank_findings):
+    """Before the real model is built: FSDP's states hold its trial model in reference cycles,
+    which lived on (until the next collection) before the search released them."""
+    for strategy in ("ddp", "fsdp"):
+        found = two_rank_findings["find_batch"][strategy]
+        assert found["micro_batch"] == 18  # out of memory injected above 20, less ~10% headroom
+        assert found["alive"] == [False, False, False], strategy  # wrapped model, module, optimizer

@@ -16,7 +16,7 @@ from conftest import REPO, cli_env, run_cli, tiny_overrides
 
 import dist_train
 from dist_train import cli
-from dist_train.batch_finder import OOM_ABOVE_ENV, OOM_RANK_ENV, find_batch
+from dist_train.batch_finder import OOM_ABOVE_ENV, OOM_AS_ENV, OOM_RANK_ENV, find_batch, is_out_of_memory
 from dist_train.config import ConfigError, load_config
 from dist_train.lr_finder import RangeOptions, RangeTest, Smoother, smoothing
 
@@ -166,6 +166,19 @@ def test_auto_batch_makes_up_the_global_batch_and_resumes_with_it(tmp_path, monk
     assert "data.batch_size=auto: micro-batch 32 per rank, kept from the checkpoint" in second, second
     assert "resumed from" in second and "global batch 96 (1 x 32 x 3 accumulation)" in second, second
     assert result.step == 6
+
+
+def test_library_workspace_failures_do_not_fit_and_other_errors_stop_the_search(monkeypatch, capsys):
+    """cuBLAS and cuDNN report a failed workspace allocation as a RuntimeError, not as
+    torch.OutOfMemoryError: the size does not fit, as for any out-of-memory error."""
+    monkeypatch.setenv(OOM_ABOVE_ENV, "50")
+    monkeypatch.setenv(OOM_AS_ENV, "cublas")
+    found = find_batch(load_config(DIGITS, ["logging.wandb.mode=disabled"]))
+    capsys.readouterr()
+    assert (found.largest_fit, found.first_failure, found.micro_batch) == (50, 51, 45)
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x5)"))
 
 
 def test_batch_settings_are_checked():
