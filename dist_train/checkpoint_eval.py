@@ -150,7 +150,7 @@ def build_parts(cfg: Config, env: DistEnv, split: str, load: Callable[[nn.Module
     sharded = cfg.parallel.strategy == "fsdp"
     strategy = build_strategy(cfg.parallel, env, cfg.train.precision) if sharded else SingleProcess()
     if env.device.type == "cuda":
-        set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
+        set_cuda_math(cfg.train)
     seed_everything(cfg.run.seed)
     datasets = None
     if split == "train":  # the training samples in the validation slot: no augmentation, every one once

@@ -177,8 +177,18 @@ class TrainConfig:
     # tensor-core convolution kernels read natively. auto: on for 4-D image inputs on CUDA.
     channels_last: bool | Literal["auto"] = "auto"
     # CUDA only: let cuDNN time its convolution algorithms for each new input shape and keep
-    # the fastest. Training shapes are fixed, so the search runs once.
-    cudnn_benchmark: bool = True
+    # the fastest. Training shapes are fixed, so the search runs once. auto: on unless
+    # train.deterministic (the fastest algorithm may differ from run to run).
+    cudnn_benchmark: bool | Literal["auto"] = "auto"
+    # Deterministic algorithms everywhere (torch.use_deterministic_algorithms, cuDNN's
+    # deterministic kernels, cuBLAS's fixed workspace via CUBLAS_WORKSPACE_CONFIG): on a GPU,
+    # runs and resumes repeat bit for bit, at some speed; an op with no deterministic CUDA
+    # kernel then fails naming itself. A CPU run repeats bit for bit either way.
+    deterministic: bool = False
+    # Garbage collection at the same steps on every rank: Python's automatic collection is off
+    # while the loop runs and a young-generation collection runs every this many steps, so no
+    # rank pauses alone while the others wait for it in a collective. 0: automatic collection.
+    gc_every_steps: int = 50
 
 
 @dataclass
@@ -649,6 +659,12 @@ def validate(cfg: Config) -> None:
         cfg.parallel.collective_timeout_s > 0,
         "parallel.collective_timeout_s",
         f"must be > 0, got {cfg.parallel.collective_timeout_s}",
+    )
+    require(t.gc_every_steps >= 0, "train.gc_every_steps", f"must be >= 0, got {t.gc_every_steps}")
+    require(
+        not (t.deterministic and t.cudnn_benchmark is True),
+        "train.cudnn_benchmark",
+        "cannot be true with train.deterministic=true (the algorithm it picks may differ between runs); use auto",
     )
     require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", f"must be > 0, got {t.peak_tflops}")
     require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")

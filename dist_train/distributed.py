@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dist_train.config import UserError, resolve_auto
+from dist_train.config import TrainConfig, UserError, resolve_auto
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,75 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def set_cuda_math(tf32: bool, cudnn_benchmark: bool) -> None:
+def set_cuda_math(cfg: TrainConfig) -> None:
     """Process-wide CUDA math settings: TF32 tensor cores for fp32 matmuls and convolutions
-    (PyTorch leaves them off for matmuls), and cuDNN's per-shape algorithm search."""
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = cudnn_benchmark
+    (PyTorch leaves them off for matmuls), and cuDNN's per-shape algorithm search (off with
+    train.deterministic unless asked for, which the config refuses)."""
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.benchmark = resolve_auto(cfg.cudnn_benchmark, when_auto=not cfg.deterministic)
+
+
+# cuBLAS picks among reduction orders by workspace unless its workspace is fixed: this setting
+# (one of the two NVIDIA documents) makes its results repeat; torch refuses deterministic mode
+# on CUDA without it. Read when torch first sizes cuBLAS's workspace, so set before any matmul.
+CUBLAS_DETERMINISTIC = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """train.deterministic: every op's deterministic implementation (or an error naming the op
+    that has none), cuDNN's deterministic kernels and a fixed cuBLAS workspace, while the block
+    runs; what was set before is restored after it (dist_train.fit may be one call of many)."""
+    if not enabled:
+        yield
+        return
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    if before[3] not in (":4096:8", ":16:8"):
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic = before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = before[3]
+
+
+class ScheduledGC:
+    """train.gc_every_steps: the garbage collector runs at the same steps on every rank. Python
+    collects when allocations cross a threshold, which each rank reaches at its own moment; a
+    rank paused there keeps the others waiting in the next collective, and with many ranks some
+    rank is always collecting. So automatic collection is off inside the loop, one full
+    collection clears what set-up left, and a young-generation collection (what the automatic
+    one mostly is) runs every `every` steps; `every=0` leaves Python's collector as it is."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.was_enabled = gc.isenabled()
+
+    def __enter__(self) -> ScheduledGC:
+        if self.every:
+            gc.disable()
+            gc.collect()
+        return self
+
+    def after_step(self, step: int) -> None:
+        if self.every and step % self.every == 0:
+            gc.collect(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.every and self.was_enabled:
+            gc.enable()
 
 
 def use_channels_last(

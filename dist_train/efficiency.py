@@ -71,3 +71,16 @@ def param_and_optimizer_bytes(model: nn.Module, optimizer: torch.optim.Optimizer
     params = sum(local_bytes(p) for p in model.parameters())
     slots = (v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
     return params + sum(local_bytes(v) for v in slots)
+
+
+def device_memory(stats: dict[str, int]) -> dict[str, float]:
+    """What the CUDA caching allocator says about an interval (torch.cuda.memory_stats): the
+    peak allocated by tensors, the peak reserved from the device (what runs out first: freed
+    blocks stay cached and can fragment), and how often an allocation failed, emptied the
+    cache and retried. Retries are the warning before an out-of-memory error: each one
+    synchronises the device, and they are counted since the process started."""
+    return {
+        "max_memory_gb": stats.get("allocated_bytes.all.peak", 0) / 2**30,
+        "max_reserved_gb": stats.get("reserved_bytes.all.peak", 0) / 2**30,
+        "alloc_retries": float(stats.get("num_alloc_retries", 0)),
+    }

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # TensorBoard groups tags into sections by the text before the first '/': metrics.jsonl keys
 # (left) go to these sections; the README's Logging section lists the mapping.
 THROUGHPUT_KEYS = ("samples_per_s", "tokens_per_s", "mfu", "step_time", "data_wait_fraction")
-MEMORY_KEYS = ("param_optim_mb", "max_memory_gb")
+MEMORY_KEYS = ("param_optim_mb", "max_memory_gb", "max_reserved_gb", "alloc_retries")
 # Config keys that say where and how a run is recorded, not what it learns: not hyperparameters.
 NOT_HYPERPARAMETERS = ("run.output_dir", "train.progress_bar", "train.stop_at_step", "checkpoint.", "logging.")
 

@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from dist_train import finetune
 from dist_train.config import Config
 from dist_train.data import DataPipeline, Datasets
-from dist_train.distributed import DistEnv, broadcast_module, use_channels_last
+from dist_train.distributed import DistEnv, ScheduledGC, broadcast_module, use_channels_last
 from dist_train.logger import RunLogger
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, check_fused, use_fused
@@ -55,6 +55,7 @@ class Run:
     stop: StopRequest | None
     channels_last: bool = False  # inputs go to the device in the layout the model was given
     sparsity: NoSparsity | Sparsity = field(default_factory=NoSparsity)  # masks kept after each step
+    scheduled_gc: ScheduledGC = field(default_factory=lambda: ScheduledGC(0))  # collections at agreed steps
 
     def train_mode(self) -> None:
         finetune.train_mode(self.model, self.cfg.model)

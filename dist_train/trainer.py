@@ -28,11 +28,13 @@ from dist_train.config import Config, UserError, check_device, dump_yaml, resolv
 from dist_train.data import build_pipeline, total_steps
 from dist_train.distributed import (
     DistEnv,
+    ScheduledGC,
     all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
     broadcast_buffers,
     broadcast_object,
+    deterministic_algorithms,
     is_timeout,
     on_rank0,
     process_group,
@@ -41,7 +43,14 @@ from dist_train.distributed import (
     set_cuda_math,
     unresponsive_ranks,
 )
-from dist_train.efficiency import flops_per_token, local_shard, mfu, param_and_optimizer_bytes, peak_flops
+from dist_train.efficiency import (
+    device_memory,
+    flops_per_token,
+    local_shard,
+    mfu,
+    param_and_optimizer_bytes,
+    peak_flops,
+)
 from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.optim import build_scheduler, keep_kernel_choice, load_scheduler_position
 from dist_train.parallel import build_strategy
@@ -68,7 +77,7 @@ def train(cfg: Config, parts: UserParts | None = None) -> TrainResult:
     group when started under it, else alone. dist_train.fit is the public entry point."""
     if resolve_auto(cfg.train.retain_host_memory, when_auto=not torch.cuda.is_available()):
         retain_freed_host_memory()
-    with process_group(cfg.parallel.collective_timeout_s) as env:
+    with deterministic_algorithms(cfg.train.deterministic), process_group(cfg.parallel.collective_timeout_s) as env:
         return _train(cfg, env, parts or UserParts())
 
 
@@ -76,7 +85,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     check_device(cfg, env.device.type == "cuda")
     strategy = build_strategy(cfg.parallel, env, cfg.train.precision)
     if env.device.type == "cuda":
-        set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
+        set_cuda_math(cfg.train)
     run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     resume_mode = cfg.checkpoint.resume
     if resume_mode == "never" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
@@ -182,10 +191,11 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
                 saver.drain()  # the last save is synchronous: the run ends with every checkpoint complete
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
 
-        with StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"], cfg.parallel.collective_timeout_s) as stop:
+        stop = StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"], cfg.parallel.collective_timeout_s)
+        with stop, ScheduledGC(cfg.train.gc_every_steps) as gc:
             run = Run(
                 cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, save, stop,
-                channels_last=channels_last, sparsity=sparsity,
+                channels_last=channels_last, sparsity=sparsity, scheduled_gc=gc,
             )  # fmt: skip
             try:
                 result = _fit(run, start_step, last_step)
@@ -297,6 +307,7 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
         strategy.zero_grad(optimizer)
         scheduler.step()  # once per optimizer step, never per micro-batch
         run.sparsity.after_step(step)  # pruned weights back to zero (a no-op unless prune.sparsity)
+        run.scheduled_gc.after_step(step)  # every rank collects at the same steps
         steps_in_interval += 1
 
         if log_now:
@@ -311,9 +322,10 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
                 if model_flops and peak:
                     speed["mfu"] = mfu(speed["tokens_per_s"] / env.world_size, model_flops, peak)
             memory = {"param_optim_mb": param_and_optimizer_bytes(model, optimizer) / 2**20}  # this rank's
-            if device.type == "cuda":  # the fullest rank's peak over this interval
-                peak_memory = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
-                memory["max_memory_gb"] = all_reduce_max(peak_memory).item()
+            if device.type == "cuda":  # the fullest rank's peaks over this interval, its retries
+                allocator = device_memory(torch.cuda.memory_stats(device))
+                fullest = all_reduce_max(torch.tensor(list(allocator.values()), device=device)).tolist()
+                memory.update(zip(allocator, fullest, strict=True))
                 torch.cuda.reset_peak_memory_stats(device)
             logger.log(
                 step,

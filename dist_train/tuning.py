@@ -24,7 +24,7 @@ def tool_strategy(cfg: Config, env: DistEnv) -> Strategy:
     check_device(cfg, env.device.type == "cuda")
     strategy = build_strategy(cfg.parallel, env, cfg.train.precision)
     if env.device.type == "cuda":
-        set_cuda_math(cfg.train.tf32, cfg.train.cudnn_benchmark)
+        set_cuda_math(cfg.train)
     return strategy
 
 

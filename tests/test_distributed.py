@@ -90,14 +90,18 @@ def test_cuda_process_groups_carry_cpu_tensors_too():
 
 
 def test_cuda_math_settings():
+    from dist_train.config import TrainConfig
+
     saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     try:
-        set_cuda_math(tf32=True, cudnn_benchmark=True)
+        set_cuda_math(TrainConfig(tf32=True))
         assert torch.get_float32_matmul_precision() == "high"
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
-        set_cuda_math(tf32=False, cudnn_benchmark=False)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark  # auto: on
+        set_cuda_math(TrainConfig(tf32=False, cudnn_benchmark=False))
         assert torch.get_float32_matmul_precision() == "highest"
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cudnn.benchmark
+        set_cuda_math(TrainConfig(deterministic=True))
+        assert not torch.backends.cudnn.benchmark  # auto: off, its choice may differ between runs
     finally:
         torch.set_float32_matmul_precision(saved[0])
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_train.efficiency import flops_per_token, mfu, param_and_optimizer_bytes, peak_flops
+from dist_train.efficiency import device_memory, flops_per_token, mfu, param_and_optimizer_bytes, peak_flops
 from dist_train.gpt import GPT
 
 
@@ -54,3 +54,13 @@ def test_param_and_optimizer_bytes_counts_adam_slots():
     model(torch.randn(2, 10)).sum().backward()
     optimizer.step()  # creates exp_avg and exp_avg_sq, and a scalar step per parameter
     assert param_and_optimizer_bytes(model, optimizer) == 3 * 110 * 4 + 2 * 4
+
+
+def test_device_memory_reads_the_allocators_peaks_and_retries():
+    # The keys as torch documents them (read from its own docstring: no CUDA here to ask).
+    documented = torch.cuda.memory_stats.__doc__
+    assert "num_alloc_retries" in documented
+    for family in ("allocated_bytes", "reserved_bytes"):
+        assert f"``\"{family}.{{all,large_pool,small_pool}}.{{current,peak,allocated,freed}}\"``" in documented
+    stats = {"allocated_bytes.all.peak": 3 * 2**30, "reserved_bytes.all.peak": 4 * 2**30, "num_alloc_retries": 2}
+    assert device_memory(stats) == {"max_memory_gb": 3.0, "max_reserved_gb": 4.0, "alloc_retries": 2.0}

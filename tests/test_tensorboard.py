@@ -108,6 +108,8 @@ def test_the_sections_group_every_key_the_logger_writes():
         "data_wait_fraction": "throughput/data_wait_fraction",
         "param_optim_mb": "memory/param_optim_mb",
         "max_memory_gb": "memory/max_memory_gb",
+        "max_reserved_gb": "memory/max_reserved_gb",
+        "alloc_retries": "memory/alloc_retries",
         "grad_norm": "train/grad_norm",
         "epoch": "train/epoch",
         "skipped_steps": "train/skipped_steps",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -365,3 +366,57 @@ def test_uint8_images_augmented_in_memory_resume_bitwise_mid_epoch(tmp_path):
     _, resumed = _run(tmp_path, "split", **common)
     assert resumed.step == 24 and resumed.eval_metrics == straight.eval_metrics
     _assert_bitwise_equal(_final_params(straight), _final_params(resumed))
+
+
+def test_garbage_is_collected_at_the_same_steps_on_every_rank_and_nowhere_else(tmp_path):
+    """train.gc_every_steps=3: automatic collection is off while the loop runs (a rank would
+    pause at its own moment), a young-generation collection follows steps 3, 6 and 9, and
+    collection is back on afterwards. The loss function sees the loop from inside."""
+    import gc
+
+    import dist_train
+
+    seen = {"calls": 0, "gc_enabled": set(), "deterministic": set()}
+    collections: list[tuple[int, int]] = []  # (generation, loss calls so far)
+
+    def loss(outputs, targets):
+        seen["calls"] += 1
+        seen["gc_enabled"].add(gc.isenabled())
+        seen["deterministic"].add(torch.are_deterministic_algorithms_enabled())
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    def watch(phase, info):
+        if phase == "start" and 0 < seen["calls"] <= 9:
+            collections.append((info["generation"], seen["calls"]))
+
+    overrides = tiny_overrides(tmp_path, **{"train.max_steps": 9, "train.gc_every_steps": 3, "train.log_every": 9,
+                                            "checkpoint.every_steps": 0, "train.eval_batches": 1})  # fmt: skip
+    gc.callbacks.append(watch)
+    try:
+        dist_train.fit("configs/digits.yaml", overrides, loss=loss)
+    finally:
+        gc.callbacks.remove(watch)
+    assert seen["gc_enabled"] == {False} and seen["deterministic"] == {False}
+    assert collections[:3] == [(1, 3), (1, 6), (1, 9)]  # then the end's own work (saving), collection on
+    assert gc.isenabled()
+
+
+def test_deterministic_mode_holds_while_training_and_is_restored_after(tmp_path, monkeypatch):
+    import dist_train
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    inside = []
+
+    def loss(outputs, targets):
+        inside.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
+        inside.append(os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    overrides = tiny_overrides(tmp_path, **{"train.deterministic": True, "train.max_steps": 2})
+    results = [dist_train.fit("configs/digits.yaml", [*overrides, f"run.name=d{i}"], loss=loss) for i in range(2)]
+    assert set(inside) == {(True, True), ":4096:8"}
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    _assert_bitwise_equal(_final_params(results[0]), _final_params(results[1]))
+    with pytest.raises(ConfigError, match="^train.cudnn_benchmark cannot be true with train.deterministic=true"):
+        load_config("configs/digits.yaml", ["train.deterministic=true", "train.cudnn_benchmark=true"])
