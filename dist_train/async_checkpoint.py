@@ -44,6 +44,7 @@ class _InFlight:
     step: int
     keep_last: int
     hashed: Future  # this rank's write, then the manifest entries (hashed over the checkpoint group)
+    stager: Any = None  # this save's own stager, closed once it is written (where one cannot be reused)
 
 
 class AsyncCheckpointer:
@@ -63,7 +64,9 @@ class AsyncCheckpointer:
             # One process: DCP's write in its own thread warns that it assumes so, past the
             # reach of a catch_warnings around the call; that is intended, for the whole run.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        self.stager = _pinned_stager()
+        # torch 2.11 and 2.12 clear a stager's copy table after each save, so its second save
+        # fails (KeyError: <class 'type'>): there each save stages through a stager of its own.
+        self.stager = _pinned_stager() if _stager_reusable() else None
         self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist_train_checkpoint")
         self.in_flight: _InFlight | None = None
         self.fits: bool | None = None  # whether the staging copy fits in host memory, decided at the first save
@@ -88,15 +91,17 @@ class AsyncCheckpointer:
             return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, self.env, keep_last)
         partial = checkpoint.begin(checkpoint_root, step, self.env)
         checkpoint.write_small_files(partial, train_state, self.env)  # small, and taken at this step
+        own_stager = None if self.stager is not None else _pinned_stager()
         with checkpoint.quiet_dcp():
             # The copy to host memory happens inside this call, before it returns: BatchNorm's
             # buffers and the weights the next step changes are saved as they are now.
-            kwargs = {} if self.stager is None else {"async_stager": self.stager}
+            stager = own_stager or self.stager
+            kwargs = {} if stager is None else {"async_stager": stager}
             written = dcp.async_save(
                 state, checkpoint_id=partial / checkpoint.MODEL_OPTIM, process_group=self.group, **kwargs
             )
         hashed = self.background.submit(self._finish_in_background, written, partial, step)
-        self.in_flight = _InFlight(checkpoint_root, step, keep_last, hashed)
+        self.in_flight = _InFlight(checkpoint_root, step, keep_last, hashed, own_stager)
         return checkpoint.step_dir(checkpoint_root, step)
 
     def _finish_in_background(self, written: Future, partial: Path, step: int) -> dict[str, Any]:
@@ -122,6 +127,8 @@ class AsyncCheckpointer:
             files, error = flight.hashed.result(), None
         except Exception as exc:  # noqa: BLE001 - reported in one line, on every rank
             files, error = None, _one_line(exc)
+        finally:
+            _close(flight.stager)
         errors = [e for e in all_gather_objects(error) if e is not None]
         if errors:
             partial = checkpoint.partial_dir(flight.checkpoint_root, flight.step)
@@ -139,10 +146,10 @@ class AsyncCheckpointer:
                 self.in_flight.hashed.result()
             except Exception:  # noqa: BLE001 - the run is failing for another reason already
                 pass
+            _close(self.in_flight.stager)
             self.in_flight = None
         self.background.shutdown(wait=True)
-        if self.stager is not None:
-            self.stager.close()
+        _close(self.stager)
 
     def _fits_in_host_memory(self, state: dict[str, Any]) -> bool:
         """Collective: all ranks stage, or all save synchronously (their collectives differ)."""
@@ -191,9 +198,42 @@ def _available_host_bytes() -> float:
 
 def _pinned_stager():
     """DCP's stager with pinned host buffers where CUDA copies into them (faster, and reused
-    between saves); None before torch 2.8, where async_save's own staging copies to host memory."""
+    between saves where the stager can be); None before torch 2.9, where async_save takes no
+    stager and its own staging copies to host memory."""
     try:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
     except ImportError:
         return None
-    return DefaultStager(StagingOptions(torch.cuda.is_available(), False, False, False))
+    # By keyword: the options are a dataclass whose fields a release may add to or reorder.
+    options = StagingOptions(
+        use_pinned_memory=torch.cuda.is_available(),
+        use_shared_memory=False,
+        use_async_staging=False,  # then async_save returns a plain Future, staged before it returns
+        use_non_blocking_copy=False,
+    )
+    return DefaultStager(options)
+
+
+def _stager_reusable() -> bool:
+    """Whether one stager stages twice: a throwaway one (no pinned memory) tries it on a state
+    with the kinds of values an optimizer's state holds (tensors, floats, tuples)."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:  # before torch 2.9: no stagers at all
+        return False
+
+    probe = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                         use_async_staging=False, use_non_blocking_copy=False))  # fmt: skip
+    try:
+        for _ in range(2):
+            probe.stage({"tensor": torch.zeros(1), "lr": 0.1, "betas": (0.9, 0.99)})
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: do not reuse
+        return False
+    finally:
+        probe.close()
+
+
+def _close(stager) -> None:
+    if stager is not None:
+        stager.close()

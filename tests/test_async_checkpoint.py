@@ -73,6 +73,32 @@ def test_async_checkpoints_equal_sync_ones_bit_for_bit(tmp_path, capsys):
     assert [row["step"] for row in stalls if "checkpoint_stall_s" in row] == [2, 4, 6]
 
 
+def test_where_a_stager_cannot_stage_twice_each_save_has_its_own(tmp_path, monkeypatch, capsys):
+    """torch 2.11 and 2.12's stager fails its second save (it clears its copy table after each):
+    there every save stages through a new stager, closed once that save is written."""
+    import dist_train.async_checkpoint as async_checkpoint
+
+    made, closed = [], []
+    pinned_stager = async_checkpoint._pinned_stager
+
+    def counted():
+        stager = pinned_stager()
+        close = stager.close
+        stager.close = lambda: (closed.append(stager), close())[1]
+        made.append(stager)
+        return stager
+
+    monkeypatch.setattr(async_checkpoint, "_stager_reusable", lambda: False)
+    monkeypatch.setattr(async_checkpoint, "_pinned_stager", counted)
+    assert main(["train", CONFIG, *_overrides(tmp_path, "fresh", **{"checkpoint.async_save": True})]) == 0
+    assert main(["train", CONFIG, *_overrides(tmp_path, "sync")]) == 0
+    assert len(made) == 2 and closed == made  # steps 2 and 4 (6, the last, is saved synchronously)
+    runs = tmp_path / "runs"
+    for step in (2, 4, 6):
+        fresh, sync = (checkpoint.step_dir(runs / name / "checkpoints", step) for name in ("fresh", "sync"))
+        _assert_same(_everything(fresh), _everything(sync), f"step {step}")
+
+
 def test_a_failed_background_write_fails_the_run_and_resume_skips_it(tmp_path, monkeypatch, capsys):
     """The write of step 4 fails (the hook raises what a full disk would): the run stops at the
     next boundary (step 6) with one line, step 4 stays .partial, and the same command resumes

@@ -61,6 +61,6 @@ def test_device_memory_reads_the_allocators_peaks_and_retries():
     documented = torch.cuda.memory_stats.__doc__
     assert "num_alloc_retries" in documented
     for family in ("allocated_bytes", "reserved_bytes"):
-        assert f"``\"{family}.{{all,large_pool,small_pool}}.{{current,peak,allocated,freed}}\"``" in documented
+        assert f'``"{family}.{{all,large_pool,small_pool}}.{{current,peak,allocated,freed}}"``' in documented
     stats = {"allocated_bytes.all.peak": 3 * 2**30, "reserved_bytes.all.peak": 4 * 2**30, "num_alloc_retries": 2}
     assert device_memory(stats) == {"max_memory_gb": 3.0, "max_reserved_gb": 4.0, "alloc_retries": 2.0}
