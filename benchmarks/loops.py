@@ -15,7 +15,8 @@ Workloads, each the same model and optimizer as the dist_train config overhead.p
   (weight decay on matrices only) and gradient clipping at 1.0.
 
 On a GPU the hand-written loop is what an expert writes: model and inputs on the device
-(channels_last with `--channels-last`), pinned memory and non-blocking copies, bf16 autocast,
+(channels_last with `--channels-last`; with `--uint8` images held as bytes and normalized on the
+device, as dist_train's data.synthetic_dtype=uint8), pinned memory and non-blocking copies, bf16 autocast,
 cuDNN's algorithm search, TF32 matmuls and a fused optimizer step, and a device synchronize
 before each clock reading. Fabric and Accelerate run on the CPU only here.
 """
@@ -40,12 +41,14 @@ from dist_train.models import build_model  # the same modules the dist_train run
 GPT_SHAPE = dict(vocab_size=256, context=128, n_layer=4, n_head=4, width=128, dropout=0.0)
 
 
-def dataset(workload: str, size: int, image_size: int = 32) -> TensorDataset:
+def dataset(workload: str, size: int, image_size: int = 32, uint8: bool = False) -> TensorDataset:
+    """Random inputs; with `uint8`, images as bytes (data.synthetic_dtype=uint8's path)."""
     g = torch.Generator().manual_seed(0)
     if workload == "gpt":
         tokens = torch.randint(0, GPT_SHAPE["vocab_size"], (size, GPT_SHAPE["context"] + 1), generator=g)
         return TensorDataset(tokens[:, :-1], tokens[:, 1:])
-    images = torch.randn(size, 3, image_size, image_size, generator=g)
+    shape = (size, 3, image_size, image_size)
+    images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if uint8 else torch.randn(*shape, generator=g)
     return TensorDataset(images, torch.randint(0, 10, (size,), generator=g))
 
 
@@ -105,8 +108,10 @@ def run_plain(args, rank: int, world: int) -> float:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
     autocast = bf16 if args.precision == "bf16" else contextlib.nullcontext()
-    data = dataset(args.workload, args.dataset_size, args.image_size)
+    data = dataset(args.workload, args.dataset_size, args.image_size, args.uint8)
     data_loader = loader(data, args.batch_size, rank, world, pin_memory=cuda)
+    # uint8 images cross to the device as bytes and become normalized floats there.
+    offset, scale = torch.tensor(0.5 * 255, device=device), torch.tensor(0.2887 * 255, device=device)
     start = None
     for step, (inputs, targets) in enumerate(batches(data_loader, args.warmup + args.steps)):
         if step == args.warmup:
@@ -116,6 +121,8 @@ def run_plain(args, rank: int, world: int) -> float:
         inputs = inputs.to(
             device, non_blocking=True, memory_format=layout if inputs.ndim == 4 else torch.preserve_format
         )
+        if inputs.dtype == torch.uint8:
+            inputs = inputs.float().sub_(offset).div_(scale)
         targets = targets.to(device, non_blocking=True)
         with autocast:
             loss = loss_of(model, inputs, targets)
@@ -177,6 +184,7 @@ def main() -> None:
     parser.add_argument("--workload", choices=["cnn", "resnet18", "resnet50", "gpt"], default="cnn")
     parser.add_argument("--image-size", type=int, default=32, help="height and width of the random images")
     parser.add_argument("--channels-last", action="store_true", help="plain: model and inputs in NHWC")
+    parser.add_argument("--uint8", action="store_true", help="plain: images held as bytes, normalized on the device")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dataset-size", type=int, default=8192)

@@ -77,6 +77,9 @@ class DataConfig:
     synthetic_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
     synthetic_size: int = 4096
     synthetic_classes: int = 10
+    # float32: standard-normal tensors; uint8: random pixels held as bytes and normalized on the
+    # device, the path image datasets take (a quarter of float32's host-to-device traffic).
+    synthetic_dtype: Literal["float32", "uint8"] = "float32"
 
 
 @dataclass

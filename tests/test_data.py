@@ -176,6 +176,20 @@ def test_synthetic_dataset_shape():
     assert x.shape == (3, 16, 16) and 0 <= int(y) < 5 and len(data.train) == 64
 
 
+def test_synthetic_uint8_images_cross_as_bytes_and_are_normalized_on_the_device():
+    """data.synthetic_dtype=uint8: the path cifar10 and mnist take, for throughput runs."""
+    from dist_train.data import build_pipeline
+    from dist_train.distributed import DistEnv
+
+    cfg = DataConfig(dataset="synthetic", synthetic_shape=[3, 16, 16], synthetic_size=256, synthetic_dtype="uint8")
+    pipeline = build_pipeline(cfg, DistEnv(0, 0, 1, torch.device("cpu")), 1, 0)
+    inputs, _ = pipeline.train.next_micro_batch()
+    assert inputs.dtype == torch.uint8 and inputs.shape == (64, 3, 16, 16)
+    normalized = pipeline.inputs_to_device(inputs)
+    assert normalized.dtype == torch.float32
+    assert abs(normalized.mean().item()) < 0.05 and abs(normalized.std().item() - 1) < 0.05
+
+
 def _write_images(folder, classes, per_class, size=(12, 10)):
     for c, name in enumerate(classes):
         (folder / name).mkdir(parents=True)

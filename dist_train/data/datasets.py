@@ -144,13 +144,18 @@ def _synthetic(cfg: DataConfig) -> Datasets:
     # Fixed seed: every rank and every run sees the same tensors.
     g = torch.Generator().manual_seed(0)
     shape, n_val = tuple(cfg.synthetic_shape), max(1, cfg.synthetic_size // 8)
+    as_bytes = cfg.synthetic_dtype == "uint8"
 
     def make(n: int) -> TensorDataset:
-        return TensorDataset(
-            torch.randn(n, *shape, generator=g), torch.randint(0, cfg.synthetic_classes, (n,), generator=g)
-        )
+        if as_bytes:  # uniform pixels: mean 127.5/255 and std ~73.6/255 per channel
+            inputs = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+        else:
+            inputs = torch.randn(n, *shape, generator=g)
+        return TensorDataset(inputs, torch.randint(0, cfg.synthetic_classes, (n,), generator=g))
 
-    return Datasets(make(cfg.synthetic_size), make(n_val), None, None, DataSpec(shape, cfg.synthetic_classes))
+    train, val, spec = make(cfg.synthetic_size), make(n_val), DataSpec(shape, cfg.synthetic_classes)
+    uniform = ((0.5,) * shape[0], (0.2887,) * shape[0])  # a uniform's std is 1/sqrt(12) of its range
+    return Datasets(train, val, None, None, spec, normalize=uniform if as_bytes else None)
 
 
 class TokenSequences(Dataset):
