@@ -107,17 +107,20 @@ def set_cuda_math(cfg: TrainConfig) -> None:
     torch.backends.cudnn.benchmark = resolve_auto(cfg.cudnn_benchmark, when_auto=not cfg.deterministic)
 
 
-# cuBLAS picks among reduction orders by workspace unless its workspace is fixed: this setting
-# (one of the two NVIDIA documents) makes its results repeat; torch refuses deterministic mode
-# on CUDA without it. Read when torch first sizes cuBLAS's workspace, so set before any matmul.
+# torch 2.6 to 2.9 refuse deterministic mode on CUDA unless cuBLAS's workspace is fixed by this
+# setting (one of the two NVIDIA documents); 2.10 dropped the check, its workspaces being fixed
+# per handle and stream. torch reads the size when it first sizes a workspace and may reuse the
+# buffer at a new size later: it is set only before CUDA starts, never under a running context.
 CUBLAS_DETERMINISTIC = ":4096:8"
+CUBLAS_CHECKED = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 10)
 
 
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """train.deterministic: every op's deterministic implementation (or an error naming the op
-    that has none), cuDNN's deterministic kernels and a fixed cuBLAS workspace, while the block
-    runs; what was set before is restored after it (dist_train.fit may be one call of many)."""
+    that has none) and cuDNN's deterministic kernels while the block runs, with cuBLAS's
+    workspace fixed where torch requires it; what was set before is restored after it
+    (dist_train.fit may be one call of many)."""
     if not enabled:
         yield
         return
@@ -127,7 +130,13 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.deterministic,
         os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     )
-    if before[3] not in (":4096:8", ":16:8"):
+    set_workspace = CUBLAS_CHECKED and before[3] not in (":4096:8", ":16:8")
+    if set_workspace and torch.cuda.is_initialized():
+        raise UserError(
+            "train.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before CUDA "
+            f"starts (torch {torch.__version__.split('+')[0]}); set it before starting Python"
+        )
+    if set_workspace:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
@@ -136,9 +145,9 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic = before[2]
-        if before[3] is None:
+        if set_workspace and before[3] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
+        elif set_workspace:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = before[3]
 
 
