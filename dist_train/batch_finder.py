@@ -193,7 +193,7 @@ def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
     where measured (CUDA; on a CPU the estimate, when there is a cap to compare it with)."""
     device = run.env.device
     estimate = cap is not None and device.type != "cuda"
-    fits, used = True, None
+    fits, used, ooms_before = True, None, _allocator_ooms(device)
     try:
         with _injected_oom(run, size), _SavedForBackward(run.model) if estimate else contextlib.nullcontext() as kept:
             if device.type == "cuda":
@@ -207,7 +207,9 @@ def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
             trainable = sum(local_shard(p.detach()).nbytes for p in run.model.parameters() if p.requires_grad)
             used = float(kept.bytes + param_and_optimizer_bytes(run.model, run.optimizer) + trainable)  # + gradients
     except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not is_out_of_memory(exc):
+        # cuDNN's convolutions catch the allocator's out-of-memory errors while they try smaller
+        # workspaces, then fail with "unable to find an engine": the allocator still counts them.
+        if not (is_out_of_memory(exc) or _allocator_ooms(device) > ooms_before):
             raise
         fits = False
     run.strategy.zero_grad(run.optimizer)
@@ -218,18 +220,22 @@ def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
     return fits and (cap is None or used is None or used <= cap), used
 
 
-# How CUDA libraries word a failed allocation of their own workspace: cuBLAS and cuDNN ask the
-# caching allocator for it, and a RuntimeError with these words, not torch.OutOfMemoryError,
-# is what reaches Python when there is none left.
-# ("CUDA error: out of memory" is cudaErrorMemoryAllocation from a library's own cudaMalloc.)
-OUT_OF_MEMORY_WORDS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                       "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")  # fmt: skip
+# How CUDA libraries word a failed allocation of their own: a RuntimeError, not torch's
+# OutOfMemoryError, reaches Python ("CUDA error: out of memory" from a raw cudaMalloc,
+# CUBLAS_STATUS_ALLOC_FAILED from cublasCreate, cuDNN 9's ..._DEVICE_ALLOCATION_FAILED and
+# ..._HOST_ALLOCATION_FAILED, CUDNN_STATUS_ALLOC_FAILED before it).
+OUT_OF_MEMORY_WORDS = ("out of memory", "ALLOC_FAILED", "ALLOCATION_FAILED")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether a failed trial ran out of device memory (then the size does not fit) rather than
     failing for another reason (then the search stops with that error)."""
     return isinstance(exc, torch.OutOfMemoryError) or any(words in str(exc) for words in OUT_OF_MEMORY_WORDS)
+
+
+def _allocator_ooms(device: torch.device) -> int:
+    """How many out-of-memory errors the CUDA caching allocator has raised in this process."""
+    return torch.cuda.memory_stats(device).get("num_ooms", 0) if device.type == "cuda" else 0
 
 
 class _SavedForBackward(contextlib.AbstractContextManager):
@@ -331,7 +337,7 @@ def _check_global_batch(cfg: Config, world: int) -> None:
 def find_batch(cfg: Config) -> BatchSearch:
     """`dist-train find-batch`: the search on every rank of this process group (or alone);
     rank 0 prints the trials and the override to use."""
-    with process_group(cfg.parallel.collective_timeout_s) as env:
+    with process_group(cfg.parallel.collective_timeout_s, cfg.parallel.backend) as env:
         found = search(cfg, env, tool_strategy(cfg, env))
         micro, accum = split_global_batch(cfg, env.world_size, found.micro_batch, searched=True)
         if env.is_main:

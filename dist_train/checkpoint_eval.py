@@ -104,7 +104,7 @@ def run_eval(
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     cfg = eval_config(run_dir, overrides, read_env()[2])
-    with process_group(cfg.parallel.collective_timeout_s) as env:
+    with process_group(cfg.parallel.collective_timeout_s, cfg.parallel.backend) as env:
         return _run_eval(cfg, env, run_dir, overrides, step, split, out)
 
 

@@ -213,6 +213,10 @@ class ParallelConfig:
     # fsdp with accumulation: reduce-scatter gradients after every micro-batch, so each rank
     # keeps only its gradient shard between micro-batches (less memory, k times the traffic).
     sync_every_micro_batch: bool = False
+    # auto: NCCL for GPU tensors and gloo for CPU ones on CUDA, gloo on a CPU. gloo: gloo for
+    # every tensor (copied through host memory, slow), and then ranks may share a GPU, e.g. 2 ranks
+    # on a workstation's one GPU to debug what only several ranks show.
+    backend: Literal["auto", "gloo"] = "auto"
     # A collective that waits this long for a rank (hung, dead, or far slower) fails with a
     # message naming the silent ranks, instead of hanging the job (default: gloo's 30 minutes).
     collective_timeout_s: float = 1800.0

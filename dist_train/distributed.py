@@ -75,27 +75,31 @@ def read_env() -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
-def select_device(local_rank: int, local_world_size: int) -> torch.device:
+def select_device(local_rank: int, local_world_size: int, share_gpus: bool = False) -> torch.device:
     """GPU number `local_rank` where CUDA is available, else the CPU. More processes on a node
     than GPUs is one line here rather than NCCL's "Duplicate GPU detected" from inside a
-    collective (torchrun started by hand; `dist-train launch` checks it before starting)."""
+    collective (torchrun started by hand; `dist-train launch` checks it before starting), unless
+    `share_gpus` (parallel.backend=gloo): then ranks take the GPUs in turn."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     gpus = torch.cuda.device_count()
+    if share_gpus:
+        return torch.device("cuda", local_rank % gpus)
     if max(local_world_size, local_rank + 1) > gpus:
         raise UserError(
             f"{max(local_world_size, local_rank + 1)} processes on this node but {gpus} GPU(s) visible: two ranks "
-            f"would share a GPU; start at most {gpus} per node (torchrun --nproc-per-node) or change "
-            "CUDA_VISIBLE_DEVICES"
+            f"would share a GPU, which NCCL refuses; start at most {gpus} per node (torchrun --nproc-per-node), "
+            "change CUDA_VISIBLE_DEVICES, or set parallel.backend=gloo"
         )
     return torch.device("cuda", local_rank)
 
 
-def backend_for(device: torch.device) -> str:
-    """The process group's backends. On CUDA NCCL carries GPU tensors and gloo CPU tensors:
-    FSDP's CPU offload reduces the norm of CPU gradient shards over the default group, which
-    a NCCL-only group cannot do ("No backend type associated with device type cpu")."""
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+def backend_for(device: torch.device, setting: str = "auto") -> str:
+    """The process group's backends (parallel.backend). On CUDA NCCL carries GPU tensors and
+    gloo CPU tensors: FSDP's CPU offload reduces the norm of CPU gradient shards over the
+    default group, which a NCCL-only group cannot do ("No backend type associated with device
+    type cpu"). gloo alone carries GPU tensors through host memory."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" and setting == "auto" else "gloo"
 
 
 def set_cuda_math(cfg: TrainConfig) -> None:
@@ -189,18 +193,21 @@ def use_channels_last(
 
 
 @contextlib.contextmanager
-def process_group(timeout_s: float = 1800.0) -> Iterator[DistEnv]:
-    """Join torchrun's process group (NCCL and gloo on CUDA, gloo on CPU) and always leave it.
-    A collective that waits longer than timeout_s for a peer fails instead of hanging."""
+def process_group(timeout_s: float = 1800.0, backend_setting: str = "auto") -> Iterator[DistEnv]:
+    """Join torchrun's process group (NCCL and gloo on CUDA, gloo on CPU or with
+    backend_setting=gloo) and always leave it. A collective that waits longer than timeout_s
+    for a peer fails instead of hanging."""
     rank, local_rank, world_size = read_env()
-    device = select_device(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    share_gpus = backend_setting == "gloo"
+    device = select_device(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), share_gpus)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = backend_for(device)
+    backend = backend_for(device, backend_setting)
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ
     started_here = False
     if under_torchrun and not dist.is_initialized():
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        # device_id binds NCCL's communicator to this GPU (created at once); gloo takes none.
+        kwargs = {"device_id": device} if "nccl" in backend else {}
         timeout = datetime.timedelta(seconds=timeout_s)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

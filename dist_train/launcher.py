@@ -24,7 +24,7 @@ import torch
 from dist_train import checkpoint, slurm, worker_env
 from dist_train.config import Config, UserError, check_device
 from dist_train.optim import check_fused
-from dist_train.parallel import check_world_size
+from dist_train.parallel import check_backend, check_world_size
 from dist_train.preemption import PREEMPTED_EXIT_CODE, STOPPED_MARKER
 
 
@@ -52,7 +52,9 @@ def from_slurm(opts: LaunchOptions, given: set[str], environ: Mapping[str, str])
     return dataclasses.replace(opts, **{k: v for k, v in found.items() if k not in given})
 
 
-def resolve_nproc(value: str) -> int:
+def resolve_nproc(value: str, share_gpus: bool = False) -> int:
+    """--nproc-per-node as a number: `auto` is the visible GPUs (1 without any); more than the
+    GPUs only where ranks may share them (parallel.backend=gloo)."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if value == "auto":
         return max(gpus, 1)
@@ -62,14 +64,19 @@ def resolve_nproc(value: str) -> int:
         raise UserError(f"--nproc-per-node must be a number or 'auto', got {value!r}") from None
     if n < 1:
         raise UserError(f"--nproc-per-node must be >= 1, got {n}")
-    if gpus and n > gpus:
-        raise UserError(f"--nproc-per-node {n} is more than the {gpus} GPUs visible on this node")
+    if gpus and n > gpus and not share_gpus:
+        raise UserError(
+            f"--nproc-per-node {n} is more than the {gpus} GPUs visible on this node "
+            "(parallel.backend=gloo lets ranks share a GPU)"
+        )
     return n
 
 
-def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions, verb: str = "train") -> list[str]:
+def torchrun_command(
+    config_path: str, overrides: list[str], opts: LaunchOptions, verb: str = "train", share_gpus: bool = False
+) -> list[str]:
     """torchrun's command line for `dist-train VERB CONFIG OVERRIDES` on every worker."""
-    nproc = resolve_nproc(opts.nproc_per_node)
+    nproc = resolve_nproc(opts.nproc_per_node, share_gpus)
     if opts.nnodes < 1:
         raise UserError(f"--nnodes must be >= 1, got {opts.nnodes}")
     if not 0 <= opts.node_rank < opts.nnodes:
@@ -101,8 +108,10 @@ def torchrun_command(config_path: str, overrides: list[str], opts: LaunchOptions
 def preflight(cfg: Config, world_size: int, local_world_size: int | None = None, cuda: bool | None = None) -> None:
     """Mistakes the workers would hit on their first line, caught before any worker starts.
     `cuda`: whether the workers train on GPUs (None: whether this machine has one)."""
-    check_device(cfg, torch.cuda.is_available() if cuda is None else cuda)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    check_device(cfg, cuda)
     check_world_size(cfg.parallel, world_size, local_world_size)
+    check_backend(cfg.parallel, cuda)
     check_fused(cfg.optim, cfg.parallel)
     if cfg.checkpoint.resume not in ("auto",):
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.run_dir / "checkpoints")
@@ -124,8 +133,9 @@ def prepare_node(cfg: Config, nnodes: int) -> dict[str, str]:
 
 
 def launch(cfg: Config, config_path: str, overrides: list[str], opts: LaunchOptions, verb: str = "train") -> int:
-    cmd = torchrun_command(config_path, overrides, opts, verb)
-    nproc = resolve_nproc(opts.nproc_per_node)
+    share_gpus = cfg.parallel.backend == "gloo"
+    cmd = torchrun_command(config_path, overrides, opts, verb, share_gpus)
+    nproc = resolve_nproc(opts.nproc_per_node, share_gpus)
     preflight(cfg, nproc * opts.nnodes, nproc)
     added_env = prepare_node(cfg, opts.nnodes)
     print("+ " + shlex.join(cmd), flush=True)

@@ -224,7 +224,7 @@ def launch_config(cfg: Config, out: Path) -> Config:
 def find_lr(cfg: Config, options: RangeOptions, out: Path) -> RangeTest:
     """`dist-train find-lr`: the range test on every rank; rank 0 writes and prints the results."""
     options.check()
-    with process_group(cfg.parallel.collective_timeout_s) as env:
+    with process_group(cfg.parallel.collective_timeout_s, cfg.parallel.backend) as env:
         problem = broadcast_object(out_problem(out) if env.is_main else None)  # every rank stops alike
         if problem:
             raise UserError(problem)

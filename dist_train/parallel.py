@@ -205,6 +205,24 @@ def check_world_size(cfg: ParallelConfig, world_size: int, local_world_size: int
         mesh_shape(cfg, world_size, local_world_size)
 
 
+# FSDP over gloo needs torch 2.8: in 2.7 gloo's reduce-scatter sums where FSDP asks for the mean
+# (gradients world-size times too large, silently) and its all-reduce refuses the mean HSDP asks
+# for; 2.6's FSDP calls a CPU stream method that does not exist yet.
+FSDP_OVER_GLOO_SINCE = (2, 8)
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+def check_backend(cfg: ParallelConfig, cuda: bool) -> None:
+    """What the process group's backend can carry, before any worker starts and in each worker."""
+    over_gloo = cfg.backend == "gloo" or not cuda
+    if cfg.strategy == "fsdp" and over_gloo and TORCH_VERSION < FSDP_OVER_GLOO_SINCE:
+        where = "parallel.backend=gloo" if cuda else "a CPU (gloo)"
+        raise ConfigError(
+            f"parallel.strategy=fsdp on {where} needs torch >= 2.8, this is {torch.__version__.split('+')[0]}: "
+            "its gloo reduce-scatter sums gradients FSDP means to average; use ddp, or a newer torch"
+        )
+
+
 def mesh_shape(cfg: ParallelConfig, world_size: int, local_world_size: int | None = None) -> dict[str, int]:
     """The named data-parallel mesh dimensions and their sizes, outermost (slowest links) first.
     A new parallelism (tp) is one more name here, innermost, and a divisor of the shard size."""
@@ -247,6 +265,7 @@ Strategy = SingleProcess  # the interface every strategy implements
 def build_strategy(cfg: ParallelConfig, env: DistEnv, precision: str = "fp32") -> SingleProcess:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))  # torchrun sets it
     check_world_size(cfg, env.world_size, local_world_size)
+    check_backend(cfg, env.device.type == "cuda")
     if cfg.strategy == "ddp" and env.world_size > 1:
         # With one process DDP only adds its hooks and bucket copies (about 10% of a small
         # model's step on a CPU): it trains as `none`, whose checkpoints are the same.

@@ -77,7 +77,10 @@ def train(cfg: Config, parts: UserParts | None = None) -> TrainResult:
     group when started under it, else alone. dist_train.fit is the public entry point."""
     if resolve_auto(cfg.train.retain_host_memory, when_auto=not torch.cuda.is_available()):
         retain_freed_host_memory()
-    with deterministic_algorithms(cfg.train.deterministic), process_group(cfg.parallel.collective_timeout_s) as env:
+    with (
+        deterministic_algorithms(cfg.train.deterministic),
+        process_group(cfg.parallel.collective_timeout_s, cfg.parallel.backend) as env,
+    ):
         return _train(cfg, env, parts or UserParts())
 
 

@@ -82,11 +82,37 @@ def test_each_local_rank_gets_its_own_gpu_and_never_shares_one(monkeypatch):
     assert select_device(3, local_world_size=4) == torch.device("cpu")
 
 
+def test_over_gloo_ranks_may_share_a_gpu(monkeypatch):
+    """parallel.backend=gloo: 2 ranks on a workstation's one GPU (NCCL refuses a shared GPU)."""
+    _gpus(monkeypatch, 1)
+    assert [select_device(rank, 2, share_gpus=True) for rank in (0, 1)] == [torch.device("cuda", 0)] * 2
+    _gpus(monkeypatch, 2)
+    assert [select_device(rank, 4, share_gpus=True).index for rank in range(4)] == [0, 1, 0, 1]
+    assert backend_for(torch.device("cuda", 0), "gloo") == "gloo"
+
+
 def test_cuda_process_groups_carry_cpu_tensors_too():
     # FSDP's CPU offload reduces CPU gradient shards over the default group.
     assert backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
     assert backend_for(torch.device("cpu")) == "gloo"
     torch.distributed.Backend("cpu:gloo,cuda:nccl")  # a backend string torch accepts
+
+
+def test_fsdp_over_gloo_needs_torch_2_8(monkeypatch):
+    """torch 2.7's gloo reduce-scatter summed what FSDP asked to average: refused on older torch."""
+    import dist_train.parallel as parallel
+    from dist_train.config import ConfigError, ParallelConfig
+
+    fsdp, ddp = ParallelConfig(strategy="fsdp"), ParallelConfig(strategy="ddp")
+    monkeypatch.setattr(parallel, "TORCH_VERSION", (2, 7))
+    with pytest.raises(ConfigError, match=r"^parallel.strategy=fsdp on a CPU \(gloo\) needs torch >= 2.8"):
+        parallel.check_backend(fsdp, cuda=False)
+    with pytest.raises(ConfigError, match="^parallel.strategy=fsdp on parallel.backend=gloo needs torch >= 2.8"):
+        parallel.check_backend(ParallelConfig(strategy="fsdp", backend="gloo"), cuda=True)
+    parallel.check_backend(fsdp, cuda=True)  # NCCL
+    parallel.check_backend(ddp, cuda=False)
+    monkeypatch.setattr(parallel, "TORCH_VERSION", (2, 8))
+    parallel.check_backend(fsdp, cuda=False)
 
 
 def test_cuda_math_settings():

@@ -74,6 +74,7 @@ def test_more_workers_than_gpus(two_gpus):
     assert resolve_nproc("2") == 2
     with pytest.raises(UserError, match="--nproc-per-node 3 is more than the 2 GPUs"):
         resolve_nproc("3")
+    assert resolve_nproc("3", share_gpus=True) == 3  # parallel.backend=gloo
 
 
 # --------------------------------------------------------------------------- torchrun_command
