@@ -1,31 +1,39 @@
-"""What only a GPU can show, checked in one run: the first lent GPU verifies it all.
+"""What only a GPU can show, one check at a time: benchmarks/device_session.sh runs this.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py                  # one H100/H200: about 7 minutes
-    PYTHONPATH=. python3 benchmarks/gpu_check.py --out gpu.json   # the JSON somewhere else
-    PYTHONPATH=. python3 benchmarks/gpu_check.py --smoke          # the same plumbing on a CPU, tiny
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --out-dir OUT          # one H200: at most 9 minutes
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --out-dir OUT --smoke  # the same checks on a CPU, tiny
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --out-dir OUT --only fsdp_sgd nccl_fp16
 
 Every check drives dist_train through its real CLI (`python -m dist_train.cli train|launch`)
-with W&B off (the GPU machines have no wandb), reads the run's metrics.jsonl, and is
-independent of the others: one that fails or runs out of time is recorded with the end of
-its error and the next one runs. The JSON is rewritten after every check, so a run cut short
-keeps what finished. Checks and targets (issue 12):
+with W&B off (the GPU machines have no wandb) and reads the runs' metrics.jsonl. Each runs in a
+time box of its own, inside the session's budget; a command past its box is killed with every
+process it started (torchrun's workers too), the check is recorded as failed, and the next one
+runs. A check that would start with less than --min-box-s (15 s) of the budget left is recorded
+as skipped.
+Each check writes OUT/<name>.json (passed, numbers, target, note, seconds) the moment it ends and
+OUT/<name>.log (every command and its output), so a session cut short keeps what finished.
 
-1. nccl: a process group of one under `dist-train launch` comes up with NCCL (and gloo for CPU
-   tensors) and trains.
-2. bf16, fp16: the digits job trains in each precision (the loss falls, accuracy far above
-   chance); fp16 runs GradScaler with the fused optimizer.
-3. gpt2_small: `configs/gpt2_small.yaml` tokens/s and MFU, eager and with `train.compile`,
-   steady state (first logging intervals dropped); target MFU >= 45%. Its final checkpoint's
-   `checkpoint_stall_s` is the save stall for that model.
-4. resnet18/resnet50 at 32x32 (CIFAR stem) and 224x224 (ImageNet stem), bf16, channels_last:
-   dist_train's samples/s over a hand-written loop's (benchmarks/loops.py), target >= 0.98.
-5. fsdp_cpu_offload: FSDP with `parallel.cpu_offload` trains (this crashed with a NCCL-only
-   process group: offloaded gradient norms are CPU collectives).
-6. async_checkpoint: `checkpoint.async_save` under NCCL (DCP's background write on its own gloo
-   group, staging into pinned host memory) saves every 5 steps and completes; its stalls.
-Peak memory per rank (`max_memory_gb`, the maximum over ranks) is reported for every run.
-Each command runs in a session of its own, killed whole at its timeout; `--budget-s` (default
-480) bounds the whole run, and a check that would start after it is recorded as skipped.
+The checks, riskiest first (what has never run on a GPU, then what is measured):
+ 1. fsdp_sgd, fsdp_adamw: FSDP under NCCL trains with SGD (foreach kernels: DTensor has no fused
+    SGD) and AdamW (fused), bf16 mixed precision.
+ 2. async_checkpoint: checkpoint.async_save under NCCL: DCP's background write on its own gloo
+    group, staged into pinned host memory, every 5 steps; no save left partial.
+ 3. find_batch_oom: data.batch_size=auto with the process capped by
+    torch.cuda.set_per_process_memory_fraction, so the search meets real CUDA out-of-memory
+    errors (cuDNN and cuBLAS included); then training at the size found, stopped, and a DCP resume.
+ 4. fsdp_cpu_offload_2_ranks: FSDP with parallel.cpu_offload on 2 ranks of the one GPU over
+    gloo (parallel.backend=gloo; NCCL refuses two ranks on one GPU), so the gradient-norm
+    all-reduce of CPU shards really crosses ranks.
+ 5. ddp_2_ranks: DDP on 2 ranks of the one GPU over gloo: with one process `ddp` trains as
+    `none`, so this is where DDP's wrapper, buckets and no_sync run on a GPU.
+ 6. nccl_bf16, nccl_fp16: `dist-train launch` brings up the cpu:gloo,cuda:nccl group and the
+    digits job trains with the fused optimizer; fp16 through GradScaler (its inf check on the device).
+ 7. resnet50: dist_train's samples/s over a hand-written loop's (benchmarks/loops.py) with the same
+    data path (uint8 images copied to the device and normalized there), 224x224, bf16,
+    channels_last; target >= 0.98.
+ 8. gpt2_small_eager, gpt2_small_compiled: configs/gpt2_small.yaml tokens/s and MFU, steady state;
+    target MFU >= 45%.
+Peak allocated and reserved memory and allocator retries (the fullest rank's) are kept for every run.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -42,7 +51,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,31 +62,17 @@ sys.path.insert(0, str(REPO))
 from dist_train.launcher import child_pids  # noqa: E402
 
 QUIET = ["logging.wandb.mode=disabled", "train.progress_bar=false"]
-DEADLINE = [float("inf")]  # time.monotonic() by which every check must have ended (--budget-s)
+# A memory cap for the find_batch_oom check, run in the training process before dist_train starts.
+CAPPED = "import sys, torch; torch.cuda.set_per_process_memory_fraction(float(sys.argv[1])); " \
+         "from dist_train.cli import main; sys.exit(main(sys.argv[2:]))"  # fmt: skip
 
 
-def bounded(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command; past `timeout` (or the whole run's deadline) kill it with every process
-    it started, so that torchrun's workers (in sessions of their own) do not outlive their
-    launcher holding the GPU and the output pipes."""
-    timeout = min(timeout, DEADLINE[0] - time.monotonic())
-    if timeout <= 0:
-        raise TimeoutError("skipped: the run's --budget-s is spent")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        tree, parents = [], [proc.pid]
-        while parents:  # every descendant, found before any is killed (orphans lose their parent)
-            parents = [child for parent in parents for child in child_pids(parent)]
-            tree += parents
-        for pid in [proc.pid, *tree]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.communicate()
-        raise TimeoutError(f"killed after {timeout:.0f} s: {' '.join(args[2:6])} ...") from None
-    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+@dataclass
+class Result:
+    passed: bool | None  # None: measured without a target, or skipped
+    numbers: dict = field(default_factory=dict)
+    target: str = ""
+    note: str = ""
 
 
 @dataclass
@@ -95,187 +91,281 @@ class Run:
     def train_records(self) -> list[dict]:
         return [r for r in self.records if "loss" in r]
 
-    def value(self, key: str) -> float | None:
-        """The last logged value of `key`."""
-        return next((r[key] for r in reversed(self.records) if key in r), None)
+    def values(self, key: str) -> list:
+        return [r[key] for r in self.records if key in r]
 
-    def peak_memory_gb(self) -> float | None:
-        values = [r["max_memory_gb"] for r in self.records if "max_memory_gb" in r]
-        return max(values) if values else None
+    def last(self, key: str):
+        found = self.values(key)
+        return found[-1] if found else None
+
+    def memory(self) -> dict:
+        """The fullest rank's peaks over the run (CUDA only) and the allocator's retries."""
+        return {key: max(self.values(key)) for key in ("max_memory_gb", "max_reserved_gb", "alloc_retries")
+                if self.values(key)}  # fmt: skip
 
     def failure(self) -> str:
-        return (self.stderr.strip() or self.stdout.strip())[-600:]
+        return (self.stderr.strip() or self.stdout.strip())[-800:]
 
 
-def cli(verb: str, config: str, overrides: list[str], timeout: float, nproc: int = 1) -> Run:
-    """`dist-train train` (or `launch` with `nproc` workers) in a fresh run directory."""
-    with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, "-m", "dist_train.cli", verb, config, f"run.output_dir={tmp}", *QUIET, *overrides]
+class Check:
+    """One check's context: its deadline, its scratch directory and its log."""
+
+    def __init__(self, name: str, smoke: bool, deadline: float, scratch: Path, log: Path) -> None:
+        self.name, self.smoke, self.deadline, self.scratch, self.log = name, smoke, deadline, scratch, log
+
+    def command(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Run a command until the check's deadline; past it, kill it with every process it
+        started (torchrun's workers run in sessions of their own) and raise TimeoutError."""
+        timeout = self.deadline - time.monotonic()
+        if timeout <= 0:
+            raise TimeoutError(f"{self.name}: its time box was spent before this command")
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        with self.log.open("a") as log:
+            log.write(f"\n$ {' '.join(args)}\n")
+        proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree, parents = [], [proc.pid]
+            while parents:  # every descendant, found before any is killed (orphans lose their parent)
+                parents = [child for parent in parents for child in child_pids(parent)]
+                tree += parents
+            for pid in [proc.pid, *tree]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            self._log(stdout, stderr, "killed")
+            raise TimeoutError(f"killed after its time box of {timeout:.0f} s: {' '.join(args[2:6])} ...") from None
+        self._log(stdout, stderr, proc.returncode)
+        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+    def _log(self, stdout: str, stderr: str, code: object) -> None:
+        with self.log.open("a") as log:
+            log.write(f"--- exit {code}\n--- stdout\n{stdout[-20000:]}\n--- stderr\n{stderr[-20000:]}\n")
+
+    def cli(
+        self, verb: str, config: str, overrides: list[str], nproc: int = 1, run_dir: Path | None = None,
+        memory_fraction: float | None = None, env: dict[str, str] | None = None,
+    ) -> Run:  # fmt: skip
+        """`dist-train train` (or `launch` with `nproc` workers) in `run_dir` (a fresh one by default)."""
+        run_dir = run_dir or Path(tempfile.mkdtemp(dir=self.scratch))
+        if memory_fraction is not None:
+            entry = [sys.executable, "-c", CAPPED, str(memory_fraction)]
+        else:
+            entry = [sys.executable, "-m", "dist_train.cli"]
+        # Smoke: validation loss only. torchmetrics imports torchvision, ~4 s of CPU per process,
+        # which is most of what a smoke run costs beyond torch itself.
+        light = ["train.metrics=[]"] if self.smoke else []
+        args = [*entry, verb, config, f"run.output_dir={run_dir}", *QUIET, *light, *overrides]
         if verb == "launch":
             args += ["--nproc-per-node", str(nproc)]
-        proc = bounded(args, timeout)
-        metrics = next(Path(tmp).glob("*/metrics.jsonl"), None)
+        proc = self.command(args, env)
+        metrics = next(run_dir.glob("*/metrics.jsonl"), None)
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics else []
         return Run(proc.returncode, proc.stdout, proc.stderr, records)
 
+    def gpt_data(self) -> list[str]:
+        """The GPT runs' corpus: the config's (the Python standard library) on a GPU; a small
+        generated one in smoke mode, where reading the library would take most of the time."""
+        if not self.smoke:
+            return []
+        corpus = self.scratch / "corpus"
+        corpus.mkdir(exist_ok=True)
+        for i in range(6):
+            lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(60)]
+            (corpus / f"mod{i}.py").write_text("".join(lines))
+        return [f"data.paths=[{corpus}/*.py]"]
 
-def steady(run: Run, key: str, skip_intervals: int) -> float:
-    """Median of `key` over the logging intervals after the first `skip_intervals` (warm-up,
-    compilation, cuDNN's algorithm search)."""
+
+# --------------------------------------------------------------------------- the checks
+
+FSDP_GPT = "configs/gpt_fsdp.yaml"
+SHORT_GPT = ["train.eval_every=0", "train.eval_batches=1", "checkpoint.every_steps=0"]
+
+
+def fsdp(check: Check, optimizer: str) -> Result:
+    """~20 s: torchrun, NCCL, 20 steps of the small GPT sharded by FSDP2 in bf16."""
+    steps = 4 if check.smoke else 20
+    precision = "fp32" if check.smoke else "bf16"  # FSDP's bf16 policy on a CPU is slow, not different
+    optim = ["optim.name=sgd", "optim.lr=0.3"] if optimizer == "sgd" else []
+    overrides = [*optim, f"train.max_steps={steps}", "train.log_every=1", f"train.precision={precision}",
+                 *SHORT_GPT, *check.gpt_data()]  # fmt: skip
+    run = check.cli("launch", FSDP_GPT, overrides)
+    losses = run.values("loss")
+    if run.returncode != 0 or len(losses) != steps:
+        return Result(False, {}, "trains", run.failure())
+    fused = "fused optimizer" in run.start_line
+    numbers = {"first_loss": losses[0], "last_loss": losses[-1], "fused_optimizer": fused, **run.memory()}
+    # On a GPU: AdamW fused, SGD on foreach kernels (DTensor has no sharding rule for fused SGD).
+    kernel_ok = check.smoke or fused is (optimizer == "adamw")
+    learned = losses[-1] < losses[0] if not check.smoke else all(map(_finite, losses))  # smoke: 4 steps
+    return Result(kernel_ok and learned, numbers, "loss falls; fused only for adamw", run.start_line)
+
+
+def async_checkpoint(check: Check) -> Result:
+    """~30 s: the small FSDP GPT saved every 5 steps in the background, the last save synchronous."""
+    steps = 10 if check.smoke else 20
+    overrides = ["checkpoint.async_save=true", "checkpoint.every_steps=5", f"train.max_steps={steps}",
+                 "train.log_every=5", "train.eval_every=0", "train.eval_batches=1", *check.gpt_data()]  # fmt: skip
+    run_dir = Path(tempfile.mkdtemp(dir=check.scratch))
+    run = check.cli("launch", FSDP_GPT, overrides, run_dir=run_dir)
+    stalls = run.values("checkpoint_stall_s")
+    partial = [p.name for p in run_dir.glob("*/checkpoints/*.partial")]
+    numbers = {"async_stalls_s": stalls[:-1], "final_sync_stall_s": stalls[-1] if stalls else None,
+               "partial_left": partial, **run.memory()}  # fmt: skip
+    ok = run.returncode == 0 and len(stalls) == steps // 5 and not partial
+    return Result(ok, numbers, f"{steps // 5} saves, none partial", run.start_line if ok else run.failure())
+
+
+def find_batch_oom(check: Check) -> Result:
+    """~60 s: data.batch_size=auto for ResNet-50 at 128 pixels under a cap of 4% of the GPU (~5.6
+    GiB of an H200): real out-of-memory errors end the doubling; 4 steps at the size found,
+    stopped at 2 and resumed from its DCP checkpoint. On a CPU the out-of-memory edge is the
+    test hook's (DIST_TRAIN_OOM_ABOVE)."""
+    run_dir = Path(tempfile.mkdtemp(dir=check.scratch))
+    if check.smoke:
+        model, env, fraction = (
+            ["model.name=seed_cnn", "data.synthetic_shape=[3,16,16]"],
+            {"DIST_TRAIN_OOM_ABOVE": "12"},
+            None,
+        )
+    else:
+        model, env, fraction = ["model.name=resnet50", "data.synthetic_shape=[3,128,128]"], None, 0.04
+    overrides = [*model, "data.synthetic_dtype=uint8", "data.synthetic_size=2048", "data.batch_size=auto",
+                 "train.precision=bf16", "train.max_steps=4", "train.log_every=1", "checkpoint.every_steps=2",
+                 "train.eval_every=0", "train.eval_batches=1", "parallel.strategy=none"]  # fmt: skip
+    first = check.cli("train", "configs/synthetic.yaml", [*overrides, "train.stop_at_step=2"], run_dir=run_dir,
+                      memory_fraction=fraction, env=env)  # fmt: skip
+    # "data.batch_size=auto: micro-batch 45 per rank (50 fits, 51 does not, less ~10% headroom; 9 trials)"
+    found = re.search(r"data\.batch_size=auto: micro-batch (\d+) per rank \((.*); (\d+) trials\)", first.stdout)
+    if first.returncode != 0 or found is None:
+        return Result(False, {}, "real OOM, train, resume", first.failure())
+    second = check.cli("train", "configs/synthetic.yaml", overrides, run_dir=run_dir, memory_fraction=fraction, env=env)
+    resumed = "resumed from" in second.stdout and "kept from the checkpoint" in second.stdout
+    numbers = {"micro_batch": int(found.group(1)), "why": found.group(2), "trials": int(found.group(3)),
+               "memory_bound": "does not" in found.group(2), "resumed": resumed, "final_step": second.last("step"),
+               **second.memory()}  # fmt: skip
+    ok = second.returncode == 0 and resumed and numbers["memory_bound"] and numbers["final_step"] == 4
+    return Result(ok, numbers, "real OOM, train, resume", second.start_line if ok else second.failure())
+
+
+def fsdp_cpu_offload_2_ranks(check: Check) -> Result:
+    """~30 s: 2 ranks on the one GPU over gloo, parameters and optimizer state on the host."""
+    overrides = ["parallel.cpu_offload=true", "parallel.backend=gloo", "train.max_steps=3", "train.log_every=1",
+                 *SHORT_GPT, *check.gpt_data()]  # fmt: skip
+    run = check.cli("launch", FSDP_GPT, overrides, nproc=2)
+    norms = run.values("grad_norm")
+    ok = run.returncode == 0 and len(norms) == 3 and all(map(_finite, norms))
+    return Result(
+        ok, {"grad_norms": norms, **run.memory()}, "trains on 2 ranks", run.start_line if ok else run.failure()
+    )
+
+
+def ddp_2_ranks(check: Check) -> Result:
+    """~25 s: DDP on 2 ranks sharing the one GPU over gloo (gradients cross through host memory)."""
+    steps = 4 if check.smoke else 100
+    overrides = ["parallel.strategy=ddp", "parallel.backend=gloo", "train.max_epochs=null", f"train.max_steps={steps}",
+                 "train.log_every=10", "train.eval_every=0", "train.eval_batches=1", "checkpoint.every_steps=0",
+                 "schedule.warmup_steps=0"]  # fmt: skip
+    run = check.cli("launch", "configs/digits.yaml", overrides, nproc=2)
+    losses = run.values("loss")
+    if run.returncode != 0 or not losses:
+        return Result(False, {}, "DDP trains on 2 ranks", run.failure())
+    numbers = {"first_loss": losses[0], "last_loss": losses[-1], "samples_per_s": run.last("samples_per_s"),
+               **run.memory()}  # fmt: skip
+    ok = ", ddp," in run.start_line and (check.smoke or losses[-1] < 0.7 * losses[0])  # smoke: too few steps
+    return Result(ok, numbers, "DDP trains on 2 ranks, loss falls", run.start_line)
+
+
+def nccl_precision(check: Check, precision: str) -> Result:
+    """~20 s each: `launch` brings up the process group and 300 steps of the digits CNN train."""
+    if check.smoke and precision == "fp16":
+        return Result(None, {}, "", "skipped: fp16 needs CUDA")
+    steps = 4 if check.smoke else 300
+    overrides = [f"train.precision={precision}", "train.max_epochs=null", f"train.max_steps={steps}",
+                 "train.log_every=20", "train.eval_every=0", "schedule.warmup_steps=0"]  # fmt: skip
+    run = check.cli("launch", "configs/digits.yaml", overrides)
+    losses, accuracy = run.values("loss"), run.last("val_acc")
+    if run.returncode != 0 or not losses or (accuracy is None and not check.smoke):
+        return Result(False, {}, "loss falls, val_acc > 0.8", run.failure())
+    group = run.start_line.rsplit("process group ", 1)[-1].split(", ", 1)[0]
+    numbers = {"process_group": group, "first_loss": losses[0], "last_loss": losses[-1], "val_acc": accuracy,
+               "fused_optimizer": "fused optimizer" in run.start_line, **run.memory()}  # fmt: skip
+    expected = "gloo" if check.smoke else "cpu:gloo,cuda:nccl"
+    learned = losses[-1] < 0.7 * losses[0] and accuracy > 0.8 and numbers["fused_optimizer"]
+    ok = group == expected and (check.smoke or learned)  # smoke: a few steps on a CPU, no fused default
+    return Result(ok, numbers, f"{expected} group, fused, loss falls, val_acc > 0.8", run.start_line)
+
+
+def resnet50(check: Check) -> Result:
+    """~50 s: the hand-written loop, then dist_train, each 20 warm-up and 100 measured steps."""
+    # Smoke: the seed CNN in fp32 (a CPU without bf16 kernels takes seconds per ResNet step).
+    workload, model, size, batch = ("cnn", "seed_cnn", 32, 8) if check.smoke else ("resnet50", "resnet50", 224, 128)
+    precision, (warmup, steps, samples) = ("fp32", (2, 4, 64)) if check.smoke else ("bf16", (20, 100, 2048))
+    plain = [sys.executable, str(REPO / "benchmarks" / "loops.py"), "--framework", "plain", "--workload", workload,
+             "--image-size", str(size), "--precision", precision, "--channels-last", "--uint8", "--batch-size",
+             str(batch), "--dataset-size", str(samples), "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
+    overrides = [f"model.name={model}", f"model.small_input_stem={str(size <= 64).lower()}",
+                 f"data.synthetic_shape=[3,{size},{size}]", "data.synthetic_dtype=uint8",
+                 f"data.synthetic_size={samples}", f"data.batch_size={batch}", f"train.precision={precision}",
+                 "train.channels_last=true", f"train.max_steps={warmup + steps}", f"train.log_every={warmup}",
+                 "train.eval_every=0", "train.eval_batches=1", "checkpoint.every_steps=0"]  # fmt: skip
+    hand = check.command(plain)
+    ours = check.cli("train", "configs/synthetic.yaml", overrides)
+    if hand.returncode != 0 or ours.returncode != 0:
+        return Result(False, {}, ">= 0.98x", (hand.stderr if hand.returncode else ours.failure())[-800:])
+    hand_rate = json.loads(hand.stdout.strip().splitlines()[-1])["samples_per_s"]
+    logged = {r["step"]: r["time"] for r in ours.train_records()}
+    our_rate = steps * batch / (logged[warmup + steps] - logged[warmup])  # the clock of two log lines
+    numbers = {"model": f"{model} {size}px batch {batch} {precision}", "hand_written_samples_per_s": hand_rate,
+               "dist_train_samples_per_s": our_rate, "ratio": our_rate / hand_rate,
+               "data_wait_fraction": ours.last("data_wait_fraction"), **ours.memory()}  # fmt: skip
+    return Result(None if check.smoke else numbers["ratio"] >= 0.98, numbers, ">= 0.98x", ours.start_line)
+
+
+def gpt2_small(check: Check, compile: bool) -> Result:
+    """Eager ~40 s (corpus read, model init, 60 steps of 32k tokens); compiled ~2 minutes."""
+    if check.smoke and compile:
+        return Result(None, {}, "", "skipped: compiling on a CPU takes minutes")
+    if check.smoke:
+        config, sizes = "configs/gpt_cpu.yaml", ["train.max_steps=12", "train.log_every=4", "train.peak_tflops=1"]
+    else:
+        config, sizes = "configs/gpt2_small.yaml", [f"train.max_steps={80 if compile else 60}", "train.log_every=10"]
+    overrides = [*sizes, *SHORT_GPT, f"train.compile={str(compile).lower()}", *check.gpt_data()]
+    run = check.cli("train", config, overrides)
+    if run.returncode != 0:
+        return Result(False, {}, "MFU >= 45%", run.failure())
+    skip = 2 if compile else 1  # warm-up, compilation, first intervals
+    numbers = {"tokens_per_s": _steady(run, "tokens_per_s", skip), "mfu": _steady(run, "mfu", skip), **run.memory()}
+    return Result(None if check.smoke else numbers["mfu"] >= 0.45, numbers, "MFU >= 45%", run.start_line)
+
+
+def _steady(run: Run, key: str, skip_intervals: int) -> float:
     values = [r[key] for r in run.train_records() if key in r][skip_intervals:]
     if not values:
         raise RuntimeError(f"no {key} logged after {skip_intervals} warm-up intervals")
     return statistics.median(values)
 
 
-def samples_per_s_between_logs(run: Run, first_step: int, last_step: int, samples_per_step: int) -> float:
-    """Throughput from the wall clock of two log lines: what overhead.py reads for dist_train."""
-    logged = {r["step"]: r["time"] for r in run.train_records()}
-    return (last_step - first_step) * samples_per_step / (logged[last_step] - logged[first_step])
-
-
-# --------------------------------------------------------------------------- the checks
-
-
-@dataclass
-class Result:
-    passed: bool | None  # None: measured, no target, or skipped
-    numbers: dict
-    target: str = ""
-    note: str = ""
-
-
-def check_nccl(smoke: bool) -> Result:
-    # ~20 s: torchrun start, NCCL init, 50 short steps.
-    run = cli(
-        "launch", "configs/digits.yaml", ["train.max_epochs=null", "train.max_steps=50", "train.log_every=10"], 300
-    )
-    # The start line's settings go "..., process group nccl:cuda,gloo:cpu, loss cross_entropy".
-    after = run.start_line.rsplit("process group ", 1)[-1] if "process group" in run.start_line else ""
-    backend = after.split(", ", 1)[0]
-    expected = "gloo" if smoke else "nccl"
-    ok = run.returncode == 0 and expected in backend and (smoke or "gloo" in backend)
-    note = run.start_line if ok else run.failure()
-    return Result(ok, {"process_group": backend, "peak_memory_gb": run.peak_memory_gb()}, f"{expected} group", note)
-
-
-def check_precision(precision: str, smoke: bool) -> Result:
-    # ~20 s each: 300 steps of the digits CNN.
-    if smoke and precision == "fp16":
-        return Result(None, {}, "", "skipped: fp16 needs CUDA")
-    steps = 200 if smoke else 300  # the digits job's warm-up alone is 50 steps
-    overrides = [f"train.precision={precision}", "train.max_epochs=null", f"train.max_steps={steps}",
-                 "train.log_every=20", "train.eval_every=0"]  # fmt: skip
-    run = cli("train", "configs/digits.yaml", overrides, 300)
-    losses = [r["loss"] for r in run.train_records()]
-    accuracy = run.value("val_acc")
-    if run.returncode != 0 or not losses or accuracy is None:
-        return Result(False, {}, "loss falls", run.failure())
-    numbers = {
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "val_acc": accuracy,
-        "fused_optimizer": "fused optimizer" in run.start_line,
-        "peak_memory_gb": run.peak_memory_gb(),
-    }
-    good = losses[-1] < 0.7 * losses[0] and (smoke or accuracy > 0.8)
-    return Result(good, numbers, "loss falls, val_acc > 0.8", run.start_line)
-
-
-def check_gpt2_small(compile: bool, smoke: bool) -> Result:
-    # Eager ~40 s (corpus read, model init, 60 steps of 32k tokens); compiled ~90 s more.
-    if smoke:
-        if compile:
-            return Result(None, {}, "", "skipped: compiling on a CPU takes minutes")
-        config, sizes = "configs/gpt_cpu.yaml", ["train.max_steps=12", "train.log_every=4", "train.peak_tflops=1"]
-    else:
-        steps = 80 if compile else 60
-        config, sizes = "configs/gpt2_small.yaml", [f"train.max_steps={steps}", "train.log_every=10"]
-    overrides = [*sizes, "train.eval_every=0", "train.eval_batches=1", "checkpoint.every_steps=0",
-                 f"train.compile={str(compile).lower()}"]  # fmt: skip
-    run = cli("train", config, overrides, 420)
-    if run.returncode != 0:
-        return Result(False, {}, "MFU >= 45%", run.failure())
-    skip = 2 if compile else 1
-    numbers = {
-        "tokens_per_s": steady(run, "tokens_per_s", skip),
-        "mfu": steady(run, "mfu", skip),
-        "peak_memory_gb": run.peak_memory_gb(),
-        "checkpoint_stall_s": run.value("checkpoint_stall_s"),
-    }
-    return Result(None if smoke else numbers["mfu"] >= 0.45, numbers, "MFU >= 45%", run.start_line)
-
-
-def check_resnet(depth: int, image_size: int, smoke: bool) -> Result:
-    # ~25 s a pair at 224 pixels, ~15 s at 32: start-up, warm-up, 100 measured steps each.
-    batch = {(18, 32): 256, (50, 32): 256, (18, 224): 128, (50, 224): 64}.get((depth, image_size), 8)
-    warmup, steps, samples = (2, 4, 64) if smoke else (20, 100, 1024)
-    if smoke:
-        batch = 8
-    model = [f"model.name=resnet{depth}", f"model.small_input_stem={str(image_size <= 64).lower()}"]
-    overrides = [*model, f"data.synthetic_shape=[3,{image_size},{image_size}]", f"data.synthetic_size={samples}",
-                 f"data.batch_size={batch}", "train.precision=bf16", "train.channels_last=true",
-                 f"train.max_steps={warmup + steps}", f"train.log_every={warmup}", "train.eval_every=0",
-                 "train.eval_batches=1", "checkpoint.every_steps=0", "parallel.strategy=ddp"]  # fmt: skip
-    plain = [sys.executable, str(REPO / "benchmarks" / "loops.py"), "--framework", "plain",
-             "--workload", f"resnet{depth}", "--image-size", str(image_size), "--precision", "bf16",
-             "--channels-last", "--batch-size", str(batch), "--dataset-size", str(samples),
-             "--warmup", str(warmup), "--steps", str(steps)]  # fmt: skip
-    hand = bounded(plain, 300)
-    ours = cli("train", "configs/synthetic.yaml", overrides, 300)
-    if hand.returncode != 0 or ours.returncode != 0:
-        return Result(False, {}, ">= 0.98x", (hand.stderr if hand.returncode else ours.failure())[-600:])
-    hand_rate = json.loads(hand.stdout.strip().splitlines()[-1])["samples_per_s"]
-    our_rate = samples_per_s_between_logs(ours, warmup, warmup + steps, batch)
-    ratio = our_rate / hand_rate
-    numbers = {"batch": batch, "hand_written_samples_per_s": hand_rate, "dist_train_samples_per_s": our_rate,
-               "ratio": ratio, "data_wait_fraction": steady(ours, "data_wait_fraction", 1),
-               "peak_memory_gb": ours.peak_memory_gb()}  # fmt: skip
-    return Result(None if smoke else ratio >= 0.98, numbers, ">= 0.98x", ours.start_line)
-
-
-def check_fsdp_cpu_offload(smoke: bool) -> Result:
-    # ~20 s: torchrun, 3 steps of the small FSDP GPT with parameters and optimizer on the host.
-    overrides = ["parallel.cpu_offload=true", "train.max_steps=3", "train.log_every=1", "train.eval_batches=1",
-                 "checkpoint.every_steps=0"]  # fmt: skip
-    run = cli("launch", "configs/gpt_fsdp.yaml", overrides, 300)
-    norms = [r["grad_norm"] for r in run.train_records()]
-    ok = run.returncode == 0 and len(norms) == 3 and all(map(_finite, norms))
-    note = run.start_line if ok else run.failure()
-    return Result(ok, {"grad_norms": norms, "peak_memory_gb": run.peak_memory_gb()}, "trains", note)
-
-
-def check_async_checkpoint(smoke: bool) -> Result:
-    # ~30 s: torchrun with NCCL (and a gloo group for the background writes), the small FSDP GPT
-    # saved every 5 steps in the background (staged into pinned host memory), the last save synchronous.
-    overrides = ["checkpoint.async_save=true", "checkpoint.every_steps=5", "train.max_steps=20",
-                 "train.log_every=5", "train.eval_every=0", "train.eval_batches=1"]  # fmt: skip
-    run = cli("launch", "configs/gpt_fsdp.yaml", overrides, 300)
-    stalls = [r["checkpoint_stall_s"] for r in run.records if "checkpoint_stall_s" in r]
-    ok = run.returncode == 0 and len(stalls) == 4
-    numbers = {"async_stalls_s": stalls[:-1], "final_sync_stall_s": stalls[-1] if stalls else None}
-    return Result(ok, numbers, "4 saves, run completes", run.start_line if ok else run.failure())
-
-
 def _finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
 
 
-def checks(smoke: bool) -> dict[str, Callable[[], Result]]:
-    large = 64 if smoke else 224  # the ImageNet-sized case, small enough for a CPU in smoke mode
-    return {
-        "nccl": lambda: check_nccl(smoke),
-        "bf16": lambda: check_precision("bf16", smoke),
-        "fp16": lambda: check_precision("fp16", smoke),
-        "gpt2_small eager": lambda: check_gpt2_small(False, smoke),
-        "gpt2_small compiled": lambda: check_gpt2_small(True, smoke),
-        "resnet18 32px": lambda: check_resnet(18, 32, smoke),
-        "resnet50 32px": lambda: check_resnet(50, 32, smoke),
-        f"resnet18 {large}px": lambda: check_resnet(18, large, smoke),
-        f"resnet50 {large}px": lambda: check_resnet(50, large, smoke),
-        "fsdp_cpu_offload": lambda: check_fsdp_cpu_offload(smoke),
-        "async_checkpoint": lambda: check_async_checkpoint(smoke),
-    }
+# (name, time box in seconds on a GPU, in smoke mode, the check): riskiest first.
+CHECKS: list[tuple[str, float, float, Callable[[Check], Result]]] = [
+    # Smoke boxes are wide: on a busy 2-core CI machine a CPU run is mostly imports, ~10-40 s.
+    ("fsdp_sgd", 60, 90, lambda c: fsdp(c, "sgd")),
+    ("fsdp_adamw", 60, 90, lambda c: fsdp(c, "adamw")),
+    ("async_checkpoint", 75, 90, async_checkpoint),
+    ("find_batch_oom", 120, 120, find_batch_oom),
+    ("fsdp_cpu_offload_2_ranks", 75, 90, fsdp_cpu_offload_2_ranks),
+    ("ddp_2_ranks", 60, 90, ddp_2_ranks),
+    ("nccl_bf16", 45, 90, lambda c: nccl_precision(c, "bf16")),
+    ("nccl_fp16", 45, 90, lambda c: nccl_precision(c, "fp16")),
+    ("resnet50", 90, 90, resnet50),
+    ("gpt2_small_eager", 75, 90, lambda c: gpt2_small(c, False)),
+    ("gpt2_small_compiled", 170, 90, lambda c: gpt2_small(c, True)),
+]
 
 
 def environment() -> dict:
@@ -285,6 +375,7 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "date": time.strftime("%Y-%m-%d"),
         "commit": commit.stdout.strip() or None,
     }
@@ -309,34 +400,58 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: the script's plumbing only")
-    parser.add_argument("--only", nargs="+", default=None, help="run only these checks (names as in the table)")
-    parser.add_argument("--budget-s", type=float, default=480, help="all checks end within this many seconds")
+    parser.add_argument("--out-dir", type=Path, default=Path(os.environ.get("OUT", "device_out")))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on a CPU: the checks' plumbing")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these checks (names as listed)")
+    parser.add_argument("--budget-s", type=float, default=520, help="every check ends within this many seconds")
+    parser.add_argument("--min-box-s", type=float, default=15, help="skip a check with less time than this left")
+    parser.add_argument("--jobs", type=int, default=1, help="checks at a time: 1 on a GPU; a CPU smoke run may overlap")
     args = parser.parse_args()
-    DEADLINE[0] = time.monotonic() + args.budget_s
+    unknown = set(args.only or ()) - {name for name, *_ in CHECKS}
+    if unknown:
+        parser.error(f"unknown checks: {', '.join(sorted(unknown))}")
+    if args.jobs != 1 and not args.smoke:
+        parser.error("--jobs applies to --smoke only: GPU checks measure the device and run one at a time")
     if not args.smoke and not torch.cuda.is_available():
-        print("error: no CUDA device; --smoke runs the plumbing on a CPU", file=sys.stderr)
+        print("error: no CUDA device; --smoke runs the checks on a CPU", file=sys.stderr)
         return 2
+    session_end = time.monotonic() + args.budget_s
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    (args.out_dir / "environment.json").write_text(json.dumps(env, indent=1) + "\n")
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    chosen = [check for check in CHECKS if not args.only or check[0] in args.only]
+    with tempfile.TemporaryDirectory(prefix="device_session_") as scratch:
 
-    report = {"environment": environment(), "checks": {}}
-    print(" ".join(f"{k}={v}" for k, v in report["environment"].items()), flush=True)
-    for name, check in checks(args.smoke).items():
-        if args.only and name not in args.only:
-            continue
-        start = time.monotonic()
-        try:
-            result = check()
-        except TimeoutError as exc:  # killed at its timeout (failed), or never started (skipped)
-            result = Result(None if str(exc).startswith("skipped") else False, {}, "", str(exc))
-        except Exception as exc:  # noqa: BLE001 - recorded; the other checks still run
-            result = Result(False, {}, "", f"{type(exc).__name__}: {str(exc)[-500:]}")
-        report["checks"][name] = {**vars(result), "seconds": time.monotonic() - start}
-        print(f"{name}: {report['checks'][name]}", flush=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print("\n" + table(report["checks"]))
-    failed = [name for name, r in report["checks"].items() if r["passed"] is False]
-    print(f"\n{len(report['checks'])} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
+        def run_one(name: str, gpu_box: float, smoke_box: float, run_check: Callable[[Check], Result]) -> dict:
+            start = time.monotonic()
+            box = min(smoke_box if args.smoke else gpu_box, session_end - start)
+            log = args.out_dir / f"{name}.log"
+            log.write_text(f"{name}: time box {box:.0f} s\n")
+            if box < args.min_box_s:
+                result = Result(None, {}, "", f"skipped: {max(0.0, session_end - start):.0f} s of the budget left")
+            else:
+                scratch_dir = Path(scratch) / name
+                scratch_dir.mkdir()
+                try:
+                    result = run_check(Check(name, args.smoke, start + box, scratch_dir, log))
+                except TimeoutError as exc:
+                    result = Result(False, {}, "", str(exc))
+                except Exception as exc:  # noqa: BLE001 - recorded; the other checks still run
+                    result = Result(False, {}, "", f"{type(exc).__name__}: {str(exc)[-600:]}")
+            record = {**asdict(result), "seconds": time.monotonic() - start, "box_s": box}
+            (args.out_dir / f"{name}.json").write_text(json.dumps({"check": name, **record}, indent=1) + "\n")
+            print(f"{name}: {json.dumps(record)}", flush=True)
+            return record
+
+        # One at a time on a GPU (the checks measure it); --jobs 2 overlaps CPU smoke runs, whose
+        # time goes mostly to each process's imports.
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {check[0]: pool.submit(run_one, *check) for check in chosen}
+        results = {name: future.result() for name, future in futures.items()}
+    print("\n" + table(results))
+    failed = [name for name, r in results.items() if r["passed"] is False]
+    print(f"\n{len(results)} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}", flush=True)
     return 1 if failed else 0
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from dist_train.commands.launch import add_launch_flags, launched
 from dist_train.commands.train import fit_here
 from dist_train.config import Config, UserError, load_config
-from dist_train.export import weights_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,6 +52,8 @@ def prune_config(run_dir: Path, sparsity: float, schedule: str, out_name: str | 
     cfg = load_config(config_file, [*ours("null"), *overrides])
     if cfg.run_dir.resolve() == run_dir.resolve():
         raise UserError(f"the pruned run would overwrite its source {run_dir}; give another --out-name")
+    from dist_train.export import weights_checkpoint  # torch's checkpoint modules: only when pruning
+
     newest = weights_checkpoint(run_dir).resolve()  # the source must hold a valid checkpoint
     # The same command continues a pruned run: it keeps the source it started from even when
     # the source has trained on since (on resume the run's own checkpoint wins over init_from).
