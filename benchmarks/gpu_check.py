@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -62,9 +63,14 @@ sys.path.insert(0, str(REPO))
 from dist_train.launcher import child_pids  # noqa: E402
 
 QUIET = ["logging.wandb.mode=disabled", "train.progress_bar=false"]
-# A memory cap for the find_batch_oom check, run in the training process before dist_train starts.
-CAPPED = "import sys, torch; torch.cuda.set_per_process_memory_fraction(float(sys.argv[1])); " \
-         "from dist_train.cli import main; sys.exit(main(sys.argv[2:]))"  # fmt: skip
+# A memory cap for the find_batch_oom check, set in the training process before dist_train starts
+# (a CPU has none to cap: smoke runs the same entry).
+CAPPED = (
+    "import sys, torch\n"
+    "if torch.cuda.is_available(): torch.cuda.set_per_process_memory_fraction(float(sys.argv[1]))\n"
+    "from dist_train.cli import main\n"
+    "sys.exit(main(sys.argv[2:]))"
+)
 
 
 @dataclass
@@ -121,7 +127,7 @@ class Check:
             raise TimeoutError(f"{self.name}: its time box was spent before this command")
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         with self.log.open("a") as log:
-            log.write(f"\n$ {' '.join(args)}\n")
+            log.write(f"\n$ {shlex.join(args)}\n")
         proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
@@ -227,11 +233,13 @@ def find_batch_oom(check: Check) -> Result:
         model, env, fraction = (
             ["model.name=seed_cnn", "data.synthetic_shape=[3,16,16]"],
             {"DIST_TRAIN_OOM_ABOVE": "12"},
-            None,
+            1.0,
         )
     else:
         model, env, fraction = ["model.name=resnet50", "data.synthetic_shape=[3,128,128]"], None, 0.04
+    # cuDNN's algorithm search off: it would time every conv of every trial's new batch shape.
     overrides = [*model, "data.synthetic_dtype=uint8", "data.synthetic_size=2048", "data.batch_size=auto",
+                 "train.cudnn_benchmark=false",
                  "train.precision=bf16", "train.max_steps=4", "train.log_every=1", "checkpoint.every_steps=2",
                  "train.eval_every=0", "train.eval_batches=1", "parallel.strategy=none"]  # fmt: skip
     first = check.cli("train", "configs/synthetic.yaml", [*overrides, "train.stop_at_step=2"], run_dir=run_dir,
@@ -291,10 +299,11 @@ def nccl_precision(check: Check, precision: str) -> Result:
     group = run.start_line.rsplit("process group ", 1)[-1].split(", ", 1)[0]
     numbers = {"process_group": group, "first_loss": losses[0], "last_loss": losses[-1], "val_acc": accuracy,
                "fused_optimizer": "fused optimizer" in run.start_line, **run.memory()}  # fmt: skip
-    expected = "gloo" if check.smoke else "cpu:gloo,cuda:nccl"
+    # dist.get_backend's wording of a two-backend group varies by release; both must be in it.
+    expected = ("gloo",) if check.smoke else ("nccl", "gloo")
     learned = losses[-1] < 0.7 * losses[0] and accuracy > 0.8 and numbers["fused_optimizer"]
-    ok = group == expected and (check.smoke or learned)  # smoke: a few steps on a CPU, no fused default
-    return Result(ok, numbers, f"{expected} group, fused, loss falls, val_acc > 0.8", run.start_line)
+    ok = all(name in group for name in expected) and (check.smoke or learned)  # smoke: a few CPU steps
+    return Result(ok, numbers, f"{' and '.join(expected)} group, fused, loss falls, val_acc > 0.8", run.start_line)
 
 
 def resnet50(check: Check) -> Result:
