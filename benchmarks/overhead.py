@@ -52,7 +52,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from dist_train.distributed import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
+from dist_train.process_settings import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402
 
 # glibc reads these at start-up: the settings retain_freed_host_memory() makes with mallopt.
 RETAINED = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}

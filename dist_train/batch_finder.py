@@ -39,9 +39,10 @@ from torch import nn
 from dist_train.config import Config, ConfigError, UserError
 from dist_train.data import Datasets, build_pipeline
 from dist_train.data.loader import load_datasets
-from dist_train.distributed import DistEnv, all_reduce_max, all_reduce_min, process_group, seed_everything
+from dist_train.distributed import DistEnv, all_reduce_max, all_reduce_min, process_group
 from dist_train.efficiency import local_shard, param_and_optimizer_bytes
 from dist_train.parallel import Strategy
+from dist_train.process_settings import seed_everything
 from dist_train.run import Run, UserParts, build_trainable, forward_backward
 from dist_train.tasks import LossFn, build_task
 from dist_train.tuning import optimizer_update, tool_run, tool_strategy

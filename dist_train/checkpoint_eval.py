@@ -26,9 +26,10 @@ from dist_train import checkpoint
 from dist_train.config import Config, UserError, check_device, load_config
 from dist_train.data import build_pipeline
 from dist_train.data.loader import DataPipeline, load_datasets
-from dist_train.distributed import DistEnv, on_rank0, process_group, read_env, seed_everything, set_cuda_math
+from dist_train.distributed import DistEnv, on_rank0, process_group, read_env
 from dist_train.export import weights_checkpoint
 from dist_train.parallel import SingleProcess, build_strategy
+from dist_train.process_settings import seed_everything, set_cuda_math
 from dist_train.run import autocast, build_trainable
 from dist_train.tasks import build_task
 from dist_train.trainer import evaluate

@@ -169,7 +169,7 @@ class TrainConfig:
     # Peak FLOP/s of one device in TFLOP/s for MFU; None looks the GPU up by name (bf16 dense).
     peak_tflops: float | None = None
     # Keep freed host memory in the process for the next step (glibc only; see
-    # distributed.retain_freed_host_memory) instead of page-faulting it back every step.
+    # process_settings.retain_freed_host_memory) instead of page-faulting it back every step.
     # auto: on for CPU training; off on CUDA, where batches sit in pinned memory that malloc
     # never sees and forked loader workers would each keep what they freed.
     retain_host_memory: bool | Literal["auto"] = "auto"

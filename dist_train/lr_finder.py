@@ -31,14 +31,8 @@ import numpy as np
 from dist_train.batch_finder import resolve_batch
 from dist_train.config import Config, ConfigError, UserError
 from dist_train.data import build_pipeline
-from dist_train.distributed import (
-    DistEnv,
-    all_gather_objects,
-    all_reduce_sum,
-    broadcast_object,
-    process_group,
-    seed_everything,
-)
+from dist_train.distributed import DistEnv, all_gather_objects, all_reduce_sum, broadcast_object, process_group
+from dist_train.process_settings import seed_everything
 from dist_train.run import build_trainable, forward_backward
 from dist_train.tasks import build_task
 from dist_train.tuning import optimizer_update, tool_run, tool_strategy

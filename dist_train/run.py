@@ -18,12 +18,13 @@ from torch.optim.lr_scheduler import LRScheduler
 from dist_train import finetune
 from dist_train.config import Config
 from dist_train.data import DataPipeline, Datasets
-from dist_train.distributed import DistEnv, ScheduledGC, broadcast_module, use_channels_last
+from dist_train.distributed import DistEnv, broadcast_module, use_channels_last
 from dist_train.logger import RunLogger
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, check_fused, use_fused
 from dist_train.parallel import Strategy, prepare_blocks
 from dist_train.preemption import StopRequest
+from dist_train.process_settings import ScheduledGC
 from dist_train.prune import NoSparsity, Sparsity
 from dist_train.tasks import LossFn, Task
 

@@ -28,19 +28,14 @@ from dist_train.config import Config, UserError, check_device, dump_yaml, resolv
 from dist_train.data import build_pipeline, total_steps
 from dist_train.distributed import (
     DistEnv,
-    ScheduledGC,
     all_reduce_max,
     all_reduce_min,
     all_reduce_sum,
     broadcast_buffers,
     broadcast_object,
-    deterministic_algorithms,
     is_timeout,
     on_rank0,
     process_group,
-    retain_freed_host_memory,
-    seed_everything,
-    set_cuda_math,
     unresponsive_ranks,
 )
 from dist_train.efficiency import (
@@ -55,6 +50,13 @@ from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.optim import build_scheduler, keep_kernel_choice, load_scheduler_position
 from dist_train.parallel import build_strategy
 from dist_train.preemption import STOPPED_MARKER, StopRequest
+from dist_train.process_settings import (
+    ScheduledGC,
+    deterministic_algorithms,
+    retain_freed_host_memory,
+    seed_everything,
+    set_cuda_math,
+)
 from dist_train.prune import build_sparsity
 from dist_train.run import Run, UserParts, build_trainable, forward_backward
 from dist_train.tasks import Task, build_task

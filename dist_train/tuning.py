@@ -12,9 +12,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from dist_train.config import Config, check_device
 from dist_train.data import DataPipeline
-from dist_train.distributed import DistEnv, set_cuda_math
+from dist_train.distributed import DistEnv
 from dist_train.logger import RunLogger
 from dist_train.parallel import Strategy, build_strategy
+from dist_train.process_settings import set_cuda_math
 from dist_train.run import Run, Trainable
 from dist_train.tasks import Task
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from dist_train.config import UserError
-from dist_train.distributed import backend_for, select_device, set_cuda_math, use_channels_last
+from dist_train.distributed import backend_for, select_device, use_channels_last
+from dist_train.process_settings import set_cuda_math
 
 # Eight 4 MiB and eight 64 KiB blocks, written and freed, four rounds: the allocation pattern of
 # a training step in miniature. Prints the minor page faults of each round after the first.
 ROUNDS = """
 import ctypes, json, resource, sys
-from dist_train.distributed import retain_freed_host_memory
+from dist_train.process_settings import retain_freed_host_memory
 if sys.argv[1] == "retain":
     assert retain_freed_host_memory()
 libc = ctypes.CDLL(None)

@@ -12,9 +12,10 @@ from conftest import REPO, run_cli, tiny_overrides
 from dist_train import checkpoint
 from dist_train.config import DataConfig, ModelConfig, ParallelConfig, load_config
 from dist_train.data import build_datasets
-from dist_train.distributed import DistEnv, seed_everything
+from dist_train.distributed import DistEnv
 from dist_train.models import build_model
 from dist_train.parallel import DDP, SingleProcess, build_strategy, prepare_blocks
+from dist_train.process_settings import seed_everything
 
 COMMON = {
     "train.max_steps": 5,

@@ -406,9 +406,9 @@ def test_deterministic_mode_holds_while_training_and_is_restored_after(tmp_path,
     """torch 2.6-2.9 refuse deterministic cuBLAS without a fixed workspace (CUBLAS_WORKSPACE_CONFIG,
     set here before CUDA starts); later releases need nothing, and the variable is left alone."""
     import dist_train
-    import dist_train.distributed as distributed
+    import dist_train.process_settings as process_settings
 
-    monkeypatch.setattr(distributed, "CUBLAS_CHECKED", cublas_checked)
+    monkeypatch.setattr(process_settings, "CUBLAS_CHECKED", cublas_checked)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     inside = []
 
