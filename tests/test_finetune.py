@@ -80,11 +80,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are t
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> tuple[Path, Path]:
-    """A seed CNN trained on digits 0-5 (300 steps, ~1.5 s): its run directory and its export."""
+    """A seed CNN trained on digits 0-5 (300 steps, ~1.5 s): its run directory and its export.
+    Its val_acc over run.seed 0-79 (AMD EPYC, 2 cores, 2026-12-03): 0.949-0.995, median 0.982;
+    0.949 on two seeds, so no bar at 0.95. Chance is 1/6: 0.9 says it learned, with room."""
     root = tmp_path_factory.mktemp("pretrained")
     config = _config(root, "digits0-5", 300, data__batch_size=32, optim__lr=0.05)
     result = dist_train.fit(config, train_data=_digits(range(0, 6))[0], val_data=_digits(range(0, 6))[1])
-    assert result.eval_metrics["val_acc"] > 0.95
+    assert result.eval_metrics["val_acc"] > 0.9
     export(root / "runs" / "digits0-5", root / "digits0-5.safetensors")
     return root / "runs" / "digits0-5", root / "digits0-5.safetensors"
 
@@ -104,17 +106,30 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_pretrained_features_transfer_to_new_classes(tmp_path, pretrained, capsys):
     """Digits 6-9 from 10 examples each, 20 steps at lr 0.01, three seeds, validated on the other
-    674 images of 6-9. Measured (2-core x86-64 CPU, torch 2.14.1, 2026-12-02): starting from
-    the export of a 0-5 run, val_acc 0.684 / 0.714 / 0.720; from scratch 0.338 / 0.252 / 0.447
-    (chance is 0.25)."""
+    674 images of 6-9: fine-tuning from the export of a 0-5 run beats the same run from scratch.
+
+    No absolute accuracy: how well the features transfer follows the pretraining's exact path,
+    which another CPU's kernels change (seeds 0-2 from the export gave val_acc 0.684 / 0.714 /
+    0.720 on one x86-64 machine, 0.605 / 0.628 / 0.634 on another). From scratch, 20 steps
+    barely move a fresh net: val_loss stays near ln 4 = 1.386 (1.370-1.383 on seeds 0-5) and
+    val_acc is the argmax of near-uniform logits (0.24-0.45; chance 0.25).
+
+    Measured on AMD EPYC (lscpu), 2 cores, torch 2.14.1, 2026-12-03: 80 pretrainings (the
+    fixture's recipe at run.seed 0-79, standing in for 80 CPUs) x fine-tuning seeds 0-5. Over
+    seeds 0-2, scratch mean val_loss minus init's: worst 0.217, 5th percentile 0.391, median
+    0.610 (asserted > 0.1); init mean val_acc minus scratch's: worst 0.146, p5 0.264, median
+    0.374 (asserted > 0.05, 34 of 674 images); per seed, scratch val_loss minus init's: worst
+    0.149 (asserted > 0). The worst 3 of 6 init seeds against the best 3 scratch seeds still
+    give 0.173 (loss) and 0.080 (accuracy). Per-seed accuracy is too noisy for a margin (worst
+    +0.047): the old `init > 0.6 and init > scratch + 0.2` failed on 17 of the 80."""
     _, exported = pretrained
     train, val = _digits(range(6, 10), per_class=10)
-    accuracy: dict[str, list[float]] = {"init": [], "scratch": []}
+    runs: dict[str, list[tuple[float, float]]] = {"init": [], "scratch": []}  # (val_loss, val_acc)
     for seed in range(3):
         for kind, extra in (("init", {"model__init_from": str(exported)}), ("scratch", {})):
             config = _config(tmp_path, f"{kind}-{seed}", 20, run__seed=seed, **extra)
-            result = dist_train.fit(config, train_data=train, val_data=val)
-            accuracy[kind].append(result.eval_metrics["val_acc"])
+            metrics = dist_train.fit(config, train_data=train, val_data=val).eval_metrics
+            runs[kind].append((metrics["val_loss"], metrics["val_acc"]))
     lines = capsys.readouterr().out.splitlines()
     # The head (6 classes) does not fit 4: it keeps its fresh initialisation, listed in one line.
     assert f"model.init_from: 8 of 10 tensors loaded from {exported}" in lines
@@ -123,9 +138,13 @@ def test_pretrained_features_transfer_to_new_classes(tmp_path, pretrained, capsy
         "model.init_from: 2 tensors of another shape stay freshly initialised: "
         "classifier.5.weight 6x84 -> 4x84, classifier.5.bias 6 -> 4"
     )
-    for init, scratch in zip(accuracy["init"], accuracy["scratch"], strict=True):
-        assert init > 0.6 and init > scratch + 0.2, accuracy
-    assert sum(accuracy["init"]) > sum(accuracy["scratch"]) + 3 * 0.25, accuracy
+    for (init_loss, _), (scratch_loss, _) in zip(runs["init"], runs["scratch"], strict=True):
+        assert init_loss < scratch_loss, runs
+    (init_loss, init_acc), (scratch_loss, scratch_acc) = (
+        [sum(column) / len(column) for column in zip(*runs[kind], strict=True)] for kind in ("init", "scratch")
+    )
+    assert init_loss < scratch_loss - 0.1, runs
+    assert init_acc > scratch_acc + 0.05, runs
 
 
 def test_init_from_a_run_directory_or_a_checkpoint_takes_its_newest_weights(pretrained):

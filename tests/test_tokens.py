@@ -328,7 +328,10 @@ def test_a_tiny_gpt_trains_on_tokens_and_its_loss_falls(tmp_path, bpe_dir, monke
     losses = [
         r["loss"] for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r
     ]
-    assert losses[0] > 5.0 and losses[-1] < 0.6 * losses[0], losses  # ln(300) = 5.7 at the start
+    # ln(300) = 5.7 at the start; the first logged loss (step 5) has already fallen: over run.seed
+    # 0-29 (AMD EPYC, 2 cores, 2026-12-03) 5.09-5.23, too close to a bar at 5.0; last / first
+    # 0.35-0.48.
+    assert losses[0] > 4.5 and losses[-1] < 0.6 * losses[0], losses
 
 
 def test_resume_from_2_ranks_on_1_matches_an_uninterrupted_run(tmp_path, bpe_dir):

@@ -177,13 +177,15 @@ def test_nonfinite_loss_names_its_first_step_when_found_at_a_log(tmp_path, accum
 
 
 def test_default_config_reaches_high_accuracy_quickly(tmp_path):
-    # A shortened default job: 8 epochs already clear 90% validation accuracy on digits.
+    # A shortened default job: 8 epochs take digits far above chance (0.1). Measured over
+    # run.seed 0-29 (AMD EPYC, 2 cores, 2026-12-03): val_acc 0.897-0.972, median 0.942; seeds
+    # 19 and 20 end below 0.9, as another CPU's kernels may at seed 0, so the bar is 0.8.
     cfg = load_config(
         "configs/digits.yaml",
         [f"run.output_dir={tmp_path}", "logging.wandb.mode=disabled", "train.max_epochs=8", "train.progress_bar=false"],
     )
     result = train(cfg)
-    assert result.eval_metrics["val_acc"] >= 0.9
+    assert result.eval_metrics["val_acc"] > 0.8
 
 
 def test_user_model_factory(tmp_path):

@@ -73,7 +73,10 @@ def test_the_suggested_lr_trains_digits(lr_test, tmp_path):
     lr = float(found.group(1))
     overrides = [f"optim.lr={lr}", f"run.output_dir={tmp_path}", "logging.wandb.mode=disabled"]
     result = dist_train.fit(DIGITS, [*overrides, "train.progress_bar=false", "checkpoint.every_steps=0"])
-    assert result.eval_metrics["val_acc"] >= 0.97, (lr, result.eval_metrics)
+    # The default 30 epochs at lr 0.030 / 0.034 / 0.041 / 0.056 (what seeds 0-3 suggest) x run.seed
+    # 0-7 (AMD EPYC, 2 cores, 2026-12-03): val_acc 0.964-0.989, 9 of the 32 below 0.97; a
+    # suggestion that kills the network (0.24) ends at 0.081. 0.9 tells the two apart.
+    assert result.eval_metrics["val_acc"] > 0.9, (lr, result.eval_metrics)
 
 
 def test_find_lr_stops_on_every_rank_at_the_same_step(tmp_path):
