@@ -309,5 +309,8 @@ def test_more_processes_than_gpus_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     code = cli.main(["launch", DIGITS, "--nproc-per-node", "4", *tiny_overrides(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["error: --nproc-per-node 4 is more than the 2 GPUs visible on this node"]
+    assert code == 2 and err == [
+        "error: --nproc-per-node 4 is more than the 2 GPUs visible on this node "
+        "(parallel.backend=gloo lets ranks share a GPU)"
+    ]
     assert not (tmp_path / "runs").exists()
