@@ -31,6 +31,9 @@ def _assert_bitwise_equal(a, b):
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny, the machine busy
+
+
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
     from conftest import REPO
