@@ -208,9 +208,7 @@ def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
             trainable = sum(local_shard(p.detach()).nbytes for p in run.model.parameters() if p.requires_grad)
             used = float(kept.bytes + param_and_optimizer_bytes(run.model, run.optimizer) + trainable)  # + gradients
     except (torch.OutOfMemoryError, RuntimeError) as exc:
-        # cuDNN's convolutions catch the allocator's out-of-memory errors while they try smaller
-        # workspaces, then fail with "unable to find an engine": the allocator still counts them.
-        if not (is_out_of_memory(exc) or _allocator_ooms(device) > ooms_before):
+        if not is_out_of_memory(exc, allocator_ran_out=_allocator_ooms(device) > ooms_before):
             raise
         fits = False
     run.strategy.zero_grad(run.optimizer)
@@ -228,10 +226,21 @@ def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
 OUT_OF_MEMORY_WORDS = ("out of memory", "ALLOC_FAILED", "ALLOCATION_FAILED")
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException, allocator_ran_out: bool = False) -> bool:
     """Whether a failed trial ran out of device memory (then the size does not fit) rather than
-    failing for another reason (then the search stops with that error)."""
-    return isinstance(exc, torch.OutOfMemoryError) or any(words in str(exc) for words in OUT_OF_MEMORY_WORDS)
+    failing for another reason (then the search stops with that error). cuDNN's convolutions
+    catch the allocator's out-of-memory errors while they try smaller workspaces, then fail with
+    "unable to find an engine", which other causes also give: that counts only where the
+    allocator ran out during the trial. A collective's failure never counts (NCCL words a CUDA
+    failure "out of memory" too, and the search must not go on over a broken communicator)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return False
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return any(words in text for words in OUT_OF_MEMORY_WORDS) or (
+        allocator_ran_out and "unable to find an engine" in text
+    )
 
 
 def _allocator_ooms(device: torch.device) -> int:

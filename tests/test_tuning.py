@@ -182,6 +182,13 @@ def test_library_workspace_failures_do_not_fit_and_other_errors_stop_the_search(
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x5)"))
+    # cuDNN's convolution after it swallowed the allocator's errors: out of memory only if the allocator ran out.
+    no_engine = RuntimeError("FIND was unable to find an engine to execute this computation")
+    assert is_out_of_memory(no_engine, allocator_ran_out=True) and not is_out_of_memory(no_engine)
+    assert not is_out_of_memory(RuntimeError("shape mismatch"), allocator_ran_out=True)
+    import torch.distributed as dist  # a collective's failure is never a size that does not fit
+
+    assert not is_out_of_memory(dist.DistBackendError("NCCL error: unhandled cuda error ... out of memory"))
 
 
 def test_batch_settings_are_checked():
