@@ -1,6 +1,6 @@
 # Two commands do all set-up (each creates or reuses .venv):
 #   make train   install, then train the default digits job
-#   make test    install, then lint and run the test suite
+#   make test    install, then lint (ruff, import layers) and run the test suite
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -25,4 +25,5 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

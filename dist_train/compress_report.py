@@ -9,6 +9,7 @@ A command hands `compare` the original and its results as (name, model, file) an
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -20,6 +21,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from dist_train.checkpoint_eval import build_parts
+from dist_train.config import UserError
+from dist_train.distributed import DistEnv
 
 Candidate = tuple[str, nn.Module, Path]  # (name in the table, model, the file it is stored in)
 BATCHES = (1, 32)
@@ -61,8 +66,6 @@ class Report:
 
 def check_options(timing_runs: int, max_accuracy_drop: float) -> None:
     """The report's options, checked before a command does any work."""
-    from dist_train.config import UserError
-
     if timing_runs < 1:  # a median of nothing fails deep in statistics
         raise UserError(f"--timing-runs must be at least 1, got {timing_runs}")
     # Absolute accuracy: above 1 nothing could be flagged (a percentage by mistake); a negative
@@ -178,12 +181,6 @@ def cpu_validation(cfg, load: Callable[[nn.Module], None]) -> tuple[nn.Module, V
     """The run's model (weights filled by `load`) in one CPU process and fp32, and the Validation
     every candidate is measured with: the report is about CPU inference, whatever the run trained
     with. Returns (model in eval mode, validation, the eval parts: data and evaluation)."""
-    import dataclasses
-
-    from dist_train.checkpoint_eval import build_parts
-    from dist_train.config import UserError
-    from dist_train.distributed import DistEnv
-
     train = dataclasses.replace(cfg.train, eval_batches=None, precision="fp32", channels_last=False)
     # One process holds the whole model, whatever strategy trained it (DCP reads any sharding).
     parallel = dataclasses.replace(cfg.parallel, strategy="none")

@@ -25,7 +25,7 @@ from dist_train.optim import build_optimizer, check_fused, use_fused
 from dist_train.parallel import Strategy, prepare_blocks
 from dist_train.preemption import StopRequest
 from dist_train.process_settings import ScheduledGC
-from dist_train.prune import NoSparsity, Sparsity
+from dist_train.sparsity import NoSparsity, Sparsity
 from dist_train.tasks import LossFn, Task
 
 

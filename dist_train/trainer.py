@@ -24,6 +24,7 @@ from torch import nn
 
 from dist_train import checkpoint
 from dist_train.async_checkpoint import AsyncCheckpointer
+from dist_train.batch_finder import resolve_batch
 from dist_train.config import Config, UserError, check_device, dump_yaml, resolve_auto, to_dict
 from dist_train.data import build_pipeline, total_steps
 from dist_train.distributed import (
@@ -57,8 +58,8 @@ from dist_train.process_settings import (
     seed_everything,
     set_cuda_math,
 )
-from dist_train.prune import build_sparsity
 from dist_train.run import Run, UserParts, build_trainable, forward_backward
+from dist_train.sparsity import build_sparsity
 from dist_train.tasks import Task, build_task
 
 
@@ -100,8 +101,6 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     state, user_cfg = None, cfg  # checkpoints record the config as given, cfg what runs
     if resume_from is not None:
         state = checkpoint.load_train_state(resume_from)
-    from dist_train.batch_finder import resolve_batch  # it trains with this module's parts
-
     # data.batch_size=auto (searched now, or the checkpoint's) and train.global_batch, resolved.
     cfg = resolve_batch(user_cfg, env, strategy, state, parts)
     if resume_from is not None:
