@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_train.config import load_config  # noqa: E402
-from dist_train.data import IN_MEMORY_CHUNK, RandomShift, build_pipeline  # noqa: E402
+from dist_train.data import IN_MEMORY_CHUNK, Batch, RandomShift, build_pipeline  # noqa: E402
 from dist_train.data.datasets import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from dist_train.data.loader import DataPipeline, SeededAugment, TrainBatches, collate, uint8_normalization  # noqa: E402
 from dist_train.data.sampler import ChunkSampler, ResumableDistributedSampler  # noqa: E402
@@ -49,7 +49,9 @@ def loader_alone(config: str, overrides: list[str], nproc: int, batches: int) ->
     """Samples/s of rank 0's training loader by itself."""
     cfg = load_config(REPO / config, overrides)
     env = DistEnv(rank=0, local_rank=0, world_size=nproc, device=torch.device("cpu"))
-    data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
+    data = build_pipeline(
+        cfg.data, env, Batch(env.world_size, cfg.data.batch_size, cfg.train.grad_accum_steps), cfg.run.seed
+    )
     data.train.next_micro_batch()  # starts the workers, if any
     start = time.perf_counter()
     for _ in range(batches):
@@ -115,7 +117,7 @@ def cifar_shaped(samples: int, batch_size: int, batches: int) -> tuple[float, fl
             batch_sampler=ChunkSampler(sampler, batch_size, chunk),
             collate_fn=collate,
         )
-        pipeline = DataPipeline(TrainBatches(loader, sampler, batch_size), None, None, batch_size, None)
+        pipeline = DataPipeline(TrainBatches(loader, sampler, batch_size), None, None, Batch(1, batch_size, 1), None)
         if chunk > 1:
             # normalized as on the device
             pipeline.pixel_offset, pipeline.pixel_scale = uint8_normalization(

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_train.config import DataConfig  # noqa: E402
-from dist_train.data import DataPipeline, build_pipeline  # noqa: E402
+from dist_train.data import Batch, DataPipeline, build_pipeline  # noqa: E402
 from dist_train.data.tokens import tokenize  # noqa: E402
 from dist_train.distributed import DistEnv  # noqa: E402
 
@@ -56,7 +56,7 @@ def rss_anon() -> int:
 def start_loader(cfg: DataConfig) -> tuple[DataPipeline, float, int]:
     """One rank's pipeline, its start-up seconds and the private memory it took."""
     before, start = rss_anon(), time.perf_counter()
-    data = build_pipeline(cfg, DistEnv(0, 0, 1, torch.device("cpu")), grad_accum_steps=1, seed=0)
+    data = build_pipeline(cfg, DistEnv(0, 0, 1, torch.device("cpu")), Batch(1, cfg.batch_size, 1), seed=0)
     data.train.next_micro_batch()  # warm-up: the epoch's permutation
     return data, time.perf_counter() - start, rss_anon() - before
 

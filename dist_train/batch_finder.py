@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dist_train.config import Config, ConfigError, UserError
-from dist_train.data import Datasets, build_pipeline
+from dist_train.data import Batch, Datasets, build_pipeline
 from dist_train.data.loader import load_datasets
 from dist_train.distributed import DistEnv, all_reduce_max, all_reduce_min, process_group
 from dist_train.efficiency import local_shard, param_and_optimizer_bytes
@@ -114,23 +114,20 @@ def search(
 ) -> BatchSearch:
     """The largest micro-batch per rank that fits, agreed by every rank (call it on all)."""
     _check_global_batch(cfg, env.world_size)  # before any trial
-    named = None
     if datasets is None:
-        datasets, named = load_datasets(cfg.data, env), f"data.dataset={cfg.data.dataset}"
+        datasets = load_datasets(cfg.data, env)
     bound, bound_by = len(datasets.train) // env.world_size, "the training set per rank"
     if cfg.train.global_batch is not None and cfg.train.global_batch // env.world_size < bound:
         bound, bound_by = cfg.train.global_batch // env.world_size, "train.global_batch per rank"
-    # One micro-batch per step: accumulation adds no memory beyond the gradients a step has anyway.
-    train = dataclasses.replace(cfg.train, grad_accum_steps=1, global_batch=None)
-    trial_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1), train=train)
 
     def pipeline(size: int):
-        return build_pipeline(dataclasses.replace(cfg.data, batch_size=size), env, 1, cfg.run.seed, datasets, named)
+        # One micro-batch per step: accumulation adds no memory beyond the gradients a step has anyway.
+        return build_pipeline(cfg.data, env, Batch(env.world_size, size, 1), cfg.run.seed, datasets)
 
     seed_everything(cfg.run.seed)
     data = pipeline(1)  # also the one-line errors of a dataset too small for even that
     cap = None if cfg.data.max_memory_gb is None else cfg.data.max_memory_gb * 2**30
-    trial_run = _trial_run(trial_cfg, env, strategy, data, user_model, loss)
+    trial_run = _trial_run(cfg, env, strategy, data, user_model, loss)
     trials: list[Trial] = []
 
     def attempt(size: int) -> bool:
@@ -301,10 +298,16 @@ def _injected_oom(run: Run, size: int) -> Iterator[None]:
 
 
 def resolve_batch(
-    cfg: Config, env: DistEnv, strategy: Strategy, state: dict[str, Any] | None = None, parts: UserParts | None = None
-) -> Config:
-    """The config as it trains: data.batch_size=auto becomes the micro-batch found now, or the
-    one the checkpoint being resumed ran with; train.global_batch sets train.grad_accum_steps."""
+    cfg: Config,
+    env: DistEnv,
+    strategy: Strategy,
+    state: dict[str, Any] | None = None,
+    parts: UserParts | None = None,
+    datasets: Datasets | None = None,
+) -> Batch:
+    """The step's batch as the run trains it: data.batch_size, or for `auto` the micro-batch
+    found now (or the one the checkpoint being resumed ran with); train.global_batch sets the
+    accumulation. The config is left as the user wrote it."""
     micro, searched = cfg.data.batch_size, False
     if micro == "auto":
         recorded = None if state is None else state.get("micro_batch", state["config"]["data"]["batch_size"])
@@ -312,23 +315,22 @@ def resolve_batch(
             micro, line = recorded, f"micro-batch {recorded} per rank, kept from the checkpoint"
         else:
             given = parts or UserParts()
-            found = search(cfg, env, strategy, given.datasets, given.model, given.loss)
+            found = search(cfg, env, strategy, datasets or given.datasets, given.model, given.loss)
             micro, line, searched = found.micro_batch, found.summary(), True
-    micro, accum = split_global_batch(cfg, env.world_size, micro, searched)
+    batch = split_global_batch(cfg, env.world_size, micro, searched)
     if cfg.data.batch_size == "auto" and env.is_main:
-        if searched and micro != found.micro_batch:
-            line += f"; {micro} makes up train.global_batch={cfg.train.global_batch}"
+        if searched and batch.micro != found.micro_batch:
+            line += f"; {batch.micro} makes up train.global_batch={cfg.train.global_batch}"
         print(f"data.batch_size=auto: {line}", flush=True)
-    data = dataclasses.replace(cfg.data, batch_size=micro)
-    return dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
+    return batch
 
 
-def split_global_batch(cfg: Config, world: int, micro: int, searched: bool = False) -> tuple[int, int]:
-    """(micro-batch, train.grad_accum_steps): with train.global_batch, the accumulation that makes
+def split_global_batch(cfg: Config, world: int, micro: int, searched: bool = False) -> Batch:
+    """The step's batch for a micro-batch: with train.global_batch, the accumulation that makes
     it up, and for a micro-batch the search found (`searched`) the largest size up to it that can."""
     global_batch = cfg.train.global_batch
     if global_batch is None:
-        return micro, cfg.train.grad_accum_steps
+        return Batch(world, micro, cfg.train.grad_accum_steps)
     _check_global_batch(cfg, world)
     if searched:
         micro = max(d for d in range(1, micro + 1) if (global_batch // world) % d == 0)
@@ -336,7 +338,7 @@ def split_global_batch(cfg: Config, world: int, micro: int, searched: bool = Fal
         raise ConfigError(
             f"train.global_batch={global_batch} is not a multiple of {world} processes x data.batch_size {micro}"
         )
-    return micro, global_batch // (world * micro)
+    return Batch(world, micro, global_batch // (world * micro))
 
 
 def _check_global_batch(cfg: Config, world: int) -> None:
@@ -349,7 +351,7 @@ def find_batch(cfg: Config) -> BatchSearch:
     rank 0 prints the trials and the override to use."""
     with process_group(cfg.parallel.collective_timeout_s, cfg.parallel.backend) as env:
         found = search(cfg, env, tool_strategy(cfg, env))
-        micro, accum = split_global_batch(cfg, env.world_size, found.micro_batch, searched=True)
+        batch = split_global_batch(cfg, env.world_size, found.micro_batch, searched=True)
         if env.is_main:
             if found.max_memory_gb is None:
                 limit = "until out of memory"
@@ -362,9 +364,6 @@ def find_batch(cfg: Config) -> BatchSearch:
                 flush=True,
             )
             print("\n".join([*found.table(), found.summary()]), flush=True)
-            print(
-                f"global batch {env.world_size * micro * accum} ({env.world_size} x {micro} x {accum} accumulation)",
-                flush=True,
-            )
-            print(f"use: data.batch_size={micro}", flush=True)
+            print(batch.describe(), flush=True)
+            print(f"use: data.batch_size={batch.micro}", flush=True)
         return found

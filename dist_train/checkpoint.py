@@ -16,7 +16,6 @@ detect a truncated or corrupted checkpoint and fall back to the previous one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dist_train.config import Config, UserError, to_dict
+from dist_train.config import UserError
 from dist_train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
 
 FORMAT_VERSION = 2  # 2: model and optimizer in DCP format (1 held them in train_state.pt)
@@ -287,60 +286,6 @@ def load_rng_state(path: Path, rank: int) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no RNG state for rank {rank}")
     return torch.load(file, map_location="cpu", weights_only=True)
-
-
-# What must not change between the run that wrote a checkpoint and the run resuming it.
-# parallel.strategy may change: model and optimizer state are stored by parameter name.
-# model.freeze and optim.lr_multipliers fix the optimizer's parameter groups; prune.sparsity
-# and prune.schedule the masks, rebuilt on resume from the weights' zeros.
-RESUME_INVARIANTS = (
-    *("data.dataset", "model.name", "optim.name", "train.loss", "model.freeze", "optim.lr_multipliers"),
-    *("prune.sparsity", "prune.schedule"),
-)
-
-
-def check_compatible(state: dict[str, Any], cfg: Config, world_size: int, source: Path) -> Config:
-    """One-line errors for a resume that could not continue the same run; returns the config
-    to resume with, whose accumulation keeps the global batch when the world size changed."""
-    saved, current = state["config"], to_dict(cfg)  # saved: the config as the user gave it
-    defaults = to_dict(Config())  # for keys added after the checkpoint was written
-    for key in RESUME_INVARIANTS:
-        section, name = key.split(".")
-        before = saved.get(section, {}).get(name, defaults[section][name])  # sections added later too
-        if before != current[section][name]:
-            raise CheckpointError(
-                f"checkpoint {source} was written with {key}={before}, this run has "
-                f"{current[section][name]}; keep it or start a new run.name"
-            )
-    if (saved["train"]["precision"] == "fp16") != (cfg.train.precision == "fp16"):
-        raise CheckpointError(
-            f"checkpoint {source} was written with train.precision={saved['train']['precision']}, this run has "
-            f"{cfg.train.precision}; switching to or from fp16 loses the loss-scaler state"
-        )
-    # The global batch fixes the epoch's step count, the data position and the LR schedule.
-    global_batch = state["global_batch"]
-    per_micro_batch = world_size * cfg.data.batch_size
-    if per_micro_batch * cfg.train.grad_accum_steps == global_batch:
-        return cfg
-    for key, before, now in (
-        ("train.global_batch", saved["train"].get("global_batch"), cfg.train.global_batch),
-        # The micro-batch as it ran (data.batch_size=auto records the one it found).
-        ("data.batch_size", state.get("micro_batch", saved["data"]["batch_size"]), cfg.data.batch_size),
-        ("train.grad_accum_steps", saved["train"]["grad_accum_steps"], cfg.train.grad_accum_steps),
-    ):
-        if before != now:
-            raise CheckpointError(
-                f"checkpoint {source} was written with {key}={before}, this run has {now}, which changes the "
-                f"global batch of {global_batch}; keep it or start a new run.name"
-            )
-    # The same settings on another world size: accumulation makes up the global batch.
-    if global_batch % per_micro_batch:
-        raise CheckpointError(
-            f"checkpoint {source} was written with a global batch of {global_batch}; {world_size} processes x "
-            f"data.batch_size {cfg.data.batch_size} cannot make it up by accumulation"
-        )
-    train = dataclasses.replace(cfg.train, grad_accum_steps=global_batch // per_micro_batch)
-    return dataclasses.replace(cfg, train=train)
 
 
 def set_aside_newer(checkpoint_root: Path, step: int) -> list[Path]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from dist_train import checkpoint
 from dist_train.config import Config, UserError, check_device, load_config
-from dist_train.data import build_pipeline
+from dist_train.data import Batch, build_pipeline
 from dist_train.data.loader import DataPipeline, load_datasets
 from dist_train.distributed import DistEnv, on_rank0, process_group, read_env
 from dist_train.export import weights_checkpoint
@@ -157,10 +157,9 @@ def build_parts(cfg: Config, env: DistEnv, split: str, load: Callable[[nn.Module
     if split == "train":  # the training samples in the validation slot: no augmentation, every one once
         loaded = load_datasets(cfg.data, env)
         datasets = dataclasses.replace(loaded, val=loaded.train, baseline_val_loss=None)
-    # Only the validation side is read; an `auto` training micro-batch needs no search for that.
-    data_cfg = dataclasses.replace(cfg.data, batch_size=1) if cfg.data.batch_size == "auto" else cfg.data
-    named = f"data.dataset={cfg.data.dataset}"
-    data = build_pipeline(data_cfg, env, cfg.train.grad_accum_steps, cfg.run.seed, datasets, named)
+    # Only the validation side is read: the training side's batch (an `auto` micro-batch, the
+    # accumulation) needs no plan, and one sample per rank fits any training set.
+    data = build_pipeline(cfg.data, env, Batch(env.world_size, 1, 1), cfg.run.seed, datasets)
     trainable = build_trainable(cfg, env, strategy, data, resuming=True)  # resuming: init_from is not read
     load(trainable.model)
     layout = torch.channels_last if trainable.channels_last else torch.preserve_format

@@ -31,14 +31,14 @@ class ConfigError(UserError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     output_dir: str = "runs"
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     # digits | image_folder | cifar10 | mnist | synthetic | text | tokens, or "package.module:factory":
     # factory(cfg: DataConfig, **data.kwargs) returns the train and validation datasets
@@ -82,7 +82,7 @@ class DataConfig:
     synthetic_dtype: Literal["float32", "uint8"] = "float32"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     # seed_cnn | mlp | resnet18 | resnet50 | gpt | "package.module:factory"
     name: str = "seed_cnn"
@@ -107,7 +107,7 @@ class ModelConfig:
     freeze_batchnorm: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.1
@@ -125,7 +125,7 @@ class OptimConfig:
     lr_multipliers: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     name: Literal["constant", "cosine", "step", "onecycle"] = "cosine"
     warmup_steps: int = 0
@@ -134,7 +134,7 @@ class ScheduleConfig:
     gamma: float = 0.1  # step: decay factor
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     max_steps: int | None = None  # optimizer steps
     max_epochs: int | None = None  # stop at whichever limit comes first
@@ -194,7 +194,7 @@ class TrainConfig:
     gc_every_steps: int = 50
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     strategy: Literal["none", "ddp", "fsdp"] = "none"
     # DDP gradient bucket size; larger buckets mean fewer, bigger all-reduces.
@@ -222,7 +222,7 @@ class ParallelConfig:
     collective_timeout_s: float = 1800.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 100  # 0 saves only at the end
     keep_last: int = 3
@@ -235,7 +235,7 @@ class CheckpointConfig:
     preempt_signal: str = "SIGUSR1"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneConfig:
     # Fraction of the Linear/Conv weights set to zero by global magnitude (dist-train prune) and
     # kept zero after every optimizer step; null: no pruning. Biases and norms are never pruned.
@@ -247,7 +247,7 @@ class PruneConfig:
     end_step: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class WandbConfig:
     mode: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "dist_train"
@@ -255,7 +255,7 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # Rank 0 also writes every logged scalar to RUN_DIR/tensorboard/ (and the run's
@@ -263,7 +263,7 @@ class LoggingConfig:
     tensorboard: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -30,7 +30,7 @@ import numpy as np
 
 from dist_train.batch_finder import resolve_batch
 from dist_train.config import Config, ConfigError, UserError
-from dist_train.data import build_pipeline
+from dist_train.data import Batch, build_pipeline
 from dist_train.distributed import DistEnv, all_gather_objects, all_reduce_sum, broadcast_object, process_group
 from dist_train.process_settings import seed_everything
 from dist_train.run import build_trainable, forward_backward
@@ -136,18 +136,18 @@ class RangeTest:
 def range_test(cfg: Config, env: DistEnv, options: RangeOptions) -> RangeTest:
     """The range test on every rank of the process group; each rank returns the same curve."""
     strategy = tool_strategy(cfg, env)
-    cfg = resolve_batch(cfg, env, strategy)  # data.batch_size=auto and train.global_batch, as training
+    batch = resolve_batch(cfg, env, strategy)  # data.batch_size=auto and train.global_batch, as training
     seed_everything(cfg.run.seed)
-    data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed)
+    data = build_pipeline(cfg.data, env, batch, cfg.run.seed)
     trainable = build_trainable(cfg, env, strategy, data)
     task = build_task(cfg.train)
     run = tool_run(cfg, env, strategy, data, trainable, task, lambda step: options.lr(step) / cfg.optim.lr)
     seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout), as in training
     if env.is_main:
-        print(_heading(cfg, env, options), flush=True)
+        print(_heading(cfg, batch, options), flush=True)
 
     test = RangeTest([], [], [], [], options.steps)
-    smoother, best, samples = Smoother(smoothing(options.steps)), math.inf, env.world_size * cfg.train.grad_accum_steps
+    smoother, best, samples = Smoother(smoothing(options.steps)), math.inf, batch.world_size * batch.accum
     run.train_mode()
     for _ in range(options.steps):
         lr = run.optimizer.param_groups[0]["lr"]  # the base groups': optim.lr's place
@@ -180,13 +180,11 @@ def range_test(cfg: Config, env: DistEnv, options: RangeOptions) -> RangeTest:
     return test
 
 
-def _heading(cfg: Config, env: DistEnv, options: RangeOptions) -> str:
-    accum = cfg.train.grad_accum_steps
+def _heading(cfg: Config, batch: Batch, options: RangeOptions) -> str:
     warmup = f", schedule.warmup_steps={cfg.schedule.warmup_steps}" if cfg.schedule.warmup_steps else ""
     return (
-        f"find-lr: {options.steps} steps, lr {options.min_lr:g} -> {options.max_lr:g} (exponential), global batch "
-        f"{env.world_size * cfg.data.batch_size * accum} ({env.world_size} x {cfg.data.batch_size} x {accum} "
-        f"accumulation), {cfg.model.name}, {cfg.optim.name}, {cfg.parallel.strategy}, {cfg.train.precision}\n"
+        f"find-lr: {options.steps} steps, lr {options.min_lr:g} -> {options.max_lr:g} (exponential), "
+        f"{batch.describe()}, {cfg.model.name}, {cfg.optim.name}, {cfg.parallel.strategy}, {cfg.train.precision}\n"
         f"not applied during the test: schedule.name={cfg.schedule.name}{warmup} (the LR is the test's)"
     )
 

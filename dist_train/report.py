@@ -37,6 +37,7 @@ class RunData:
     name: str  # the legend's and the summary's label
     records: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)  # plan.json: the batch as it ran
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every record holding `key`, in step order."""
@@ -54,10 +55,16 @@ class RunData:
         def get(section: str, key: str) -> Any:
             return (self.config.get(section) or {}).get(key)
 
-        return (
-            f"{get('model', 'name')} on {get('data', 'dataset')}, {get('optim', 'name')} lr {get('optim', 'lr')}, "
-            f"batch {get('data', 'batch_size')} per rank x {get('train', 'grad_accum_steps')} accumulation"
-        )
+        plan = self.plan
+        if {"global_batch", "world_size", "micro_batch", "grad_accum_steps"} <= plan.keys():
+            batch = (
+                f"global batch {plan['global_batch']} ({plan['world_size']} x {plan['micro_batch']} x "
+                f"{plan['grad_accum_steps']} accumulation)"
+            )
+        else:  # a run from before plan.json
+            batch = f"batch {get('data', 'batch_size')} per rank x {get('train', 'grad_accum_steps')} accumulation"
+        optimizer = f"{get('optim', 'name')} lr {get('optim', 'lr')}"
+        return f"{get('model', 'name')} on {get('data', 'dataset')}, {optimizer}, {batch}"
 
 
 @dataclass
@@ -106,7 +113,13 @@ def load_run(path: Path) -> RunData:
         except (yaml.YAMLError, UnicodeDecodeError):
             raise ReportError(f"{config_path} is not readable YAML") from None
         config = loaded if isinstance(loaded, dict) else {}
-    return RunData(path, path.name, records, config)
+    plan: dict[str, Any] = {}
+    try:
+        loaded = json.loads((path / "plan.json").read_text())
+        plan = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        pass  # no plan (an older run) or a torn one: the config's batch settings instead
+    return RunData(path, path.name, records, config, plan)
 
 
 def load_runs(paths: list[Path]) -> list[RunData]:

@@ -75,7 +75,7 @@ def forward_backward(run: Run, amp: ContextManager, sync: bool = True) -> tuple[
     on the last (sync=False: on none, for a trial that must not leave a rank in a collective).
     Returns the step's loss (the sum of the micro-batch means, left on the device) and the
     seconds spent waiting for data."""
-    accum, device, data_wait = run.cfg.train.grad_accum_steps, run.env.device, 0.0
+    accum, device, data_wait = run.data.batch.accum, run.env.device, 0.0
     micro_losses = []
     for micro in range(accum):
         fetch_start = time.perf_counter()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -24,9 +23,9 @@ from torch import nn
 
 from dist_train import checkpoint
 from dist_train.async_checkpoint import AsyncCheckpointer
-from dist_train.batch_finder import resolve_batch
 from dist_train.config import Config, UserError, check_device, dump_yaml, resolve_auto, to_dict
-from dist_train.data import build_pipeline, total_steps
+from dist_train.data import build_pipeline
+from dist_train.data.loader import load_datasets
 from dist_train.distributed import (
     DistEnv,
     all_reduce_max,
@@ -50,6 +49,7 @@ from dist_train.efficiency import (
 from dist_train.logger import RunLogger, new_wandb_run_id
 from dist_train.optim import build_scheduler, keep_kernel_choice, load_scheduler_position
 from dist_train.parallel import build_strategy
+from dist_train.plan import Plan, make_plan
 from dist_train.preemption import STOPPED_MARKER, StopRequest
 from dist_train.process_settings import (
     ScheduledGC,
@@ -93,49 +93,34 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     if env.device.type == "cuda":
         set_cuda_math(cfg.train)
     run_dir, checkpoint_root = cfg.run_dir, cfg.run_dir / "checkpoints"
-    resume_mode = cfg.checkpoint.resume
-    if resume_mode == "never" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume_mode = "auto"  # torchrun restarted this very run after a failure: continue it
-    resume_from = on_rank0(env, lambda: checkpoint.resolve_resume(resume_mode, checkpoint_root))
-
-    state, user_cfg = None, cfg  # checkpoints record the config as given, cfg what runs
-    if resume_from is not None:
-        state = checkpoint.load_train_state(resume_from)
-    # data.batch_size=auto (searched now, or the checkpoint's) and train.global_batch, resolved.
-    cfg = resolve_batch(user_cfg, env, strategy, state, parts)
-    if resume_from is not None:
-        cfg = checkpoint.check_compatible(state, cfg, env.world_size, resume_from)
-        world_change = (
-            f"written by {state['world_size']} processes, resumed on {env.world_size}: train.grad_accum_steps "
-            f"{cfg.train.grad_accum_steps} keeps the global batch of {state['global_batch']}"
-            if state["world_size"] != env.world_size
-            else ""
-        )
+    datasets = parts.datasets if parts.datasets is not None else load_datasets(cfg.data, env)
+    plan = make_plan(cfg, env, strategy, datasets, parts)
+    resume, start_step, last_step = plan.resume, plan.start_step, plan.last_step
 
     seed_everything(cfg.run.seed)  # the same on every rank: identical initial weights
-    data = build_pipeline(cfg.data, env, cfg.train.grad_accum_steps, cfg.run.seed, parts.datasets)
-    trainable = build_trainable(cfg, env, strategy, data, parts.model, resuming=state is not None)
+    data = build_pipeline(cfg.data, env, plan.batch, cfg.run.seed, datasets)
+    trainable = build_trainable(cfg, env, strategy, data, parts.model, resuming=resume is not None)
     model, optimizer = trainable.model, trainable.optimizer
     fused, channels_last = trainable.fused, trainable.channels_last
     task = build_task(cfg.train, parts.loss)
-    last_step = total_steps(cfg.train.max_steps, cfg.train.max_epochs, data.train.steps_per_epoch)
     scheduler = build_scheduler(cfg.schedule, optimizer, last_step)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout) from here on
 
-    start_step, wandb_run_id = 0, new_wandb_run_id()
-    if state is not None:
-        checkpoint.load_model_and_optimizer(resume_from, model, optimizer)
+    wandb_run_id = new_wandb_run_id()
+    if resume is not None:
+        state = resume.state
+        checkpoint.load_model_and_optimizer(resume.path, model, optimizer)
         keep_kernel_choice(optimizer, fused)
         load_scheduler_position(scheduler, state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         data.train.load_state_dict(state["data"])
-        start_step, wandb_run_id = state["step"], state["wandb_run_id"]
-        if world_change:
+        wandb_run_id = state["wandb_run_id"]
+        if plan.world_changed:
             # Ranks no longer map one-to-one onto saved RNG streams: fresh ones, distinct per step.
             seed_everything(hash((cfg.run.seed, env.rank, start_step)) % 2**31)
         else:
-            checkpoint.set_rng_state(checkpoint.load_rng_state(resume_from, env.rank))
+            checkpoint.set_rng_state(checkpoint.load_rng_state(resume.path, env.rank))
     sparsity = build_sparsity(cfg, strategy.unwrap(model), start_step, last_step)  # weights final by now
     wandb_run_id = broadcast_object(wandb_run_id)
 
@@ -146,16 +131,15 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         # moved aside (not deleted), so `resume: auto` and pruning never mistake them for ours.
         for path in checkpoint.set_aside_newer(checkpoint_root, start_step):
             print(f"set aside {path.name} (newer than the step {start_step} this run resumes from)", flush=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))  # as the user wrote it
+        (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1) + "\n")  # as it runs here
         return RunLogger(cfg, run_dir, True, wandb_run_id, start_step, last_step)
 
     logger = on_rank0(env, open_run_dir, share=False) or RunLogger(cfg, run_dir, False, wandb_run_id, 0, 0)
     failed, saver = True, None
     try:
-        if state is not None:
-            logger.message(f"resumed from {resume_from} at step {start_step} (epoch {data.train.epoch})")
-            if world_change:
-                logger.message(world_change)
+        for line in plan.describe():
+            logger.message(line)
         for line in trainable.notes + sparsity.notes:
             logger.message(line)
         settings = [strategy.name, cfg.train.precision]
@@ -163,11 +147,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         settings += ["fused optimizer"] if fused else []
         settings += [f"process group {dist.get_backend()}"] if dist.is_initialized() else []
         settings += [f"loss {task.name}"]
-        logger.message(
-            f"training {last_step} steps of global batch {data.global_batch} "
-            f"({env.world_size} x {cfg.data.batch_size} x {cfg.train.grad_accum_steps} accumulation) "
-            f"on {env.device}, {', '.join(settings)}"
-        )
+        logger.message(f"training {last_step} steps of {plan.batch.describe()} on {env.device}, {', '.join(settings)}")
         mesh = strategy.describe_mesh()
         if mesh:
             logger.message(mesh)
@@ -184,10 +164,12 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
                 "scaler": scaler.state_dict(),
                 "data": data.train.state_dict(),
                 "wandb_run_id": wandb_run_id,
+                # The plan's batch as it ran (data.batch_size=auto resumes with its micro-batch).
                 "world_size": env.world_size,
-                "global_batch": data.global_batch,
-                "micro_batch": cfg.data.batch_size,  # as it ran: data.batch_size=auto resumes with it
-                "config": to_dict(user_cfg),
+                "global_batch": plan.batch.global_batch,
+                "micro_batch": plan.batch.micro,
+                "config": to_dict(cfg),  # as the user wrote it
+                "plan": plan.to_dict(),
             }
             if saver is not None and not final:
                 return saver.save(checkpoint_root, step, train_state, model, optimizer, cfg.checkpoint.keep_last)
@@ -202,13 +184,15 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
                 channels_last=channels_last, sparsity=sparsity, scheduled_gc=gc,
             )  # fmt: skip
             try:
-                result = _fit(run, start_step, last_step)
+                result = _fit(run, plan)
             except (RuntimeError, dist.DistError) as exc:
                 if not (env.is_distributed and is_timeout(exc)):
                     raise
                 raise _timeout_error(exc, cfg.parallel.collective_timeout_s, stop.group) from None
         if result.step == last_step > start_step:  # this invocation trained the run's last step
-            logger.finished({"world_size": env.world_size, "global_batch": data.global_batch})
+            batch = plan.batch  # as it ran: data.batch_size=auto and train.global_batch resolved
+            shape = {"world_size": batch.world_size, "micro_batch": batch.micro, "grad_accum_steps": batch.accum}
+            logger.finished({**shape, "global_batch": batch.global_batch})
         if result.stopped_by and env.is_main:
             marker = {"step": result.step, "signal": result.stopped_by, "checkpoint": str(result.checkpoint)}
             (run_dir / STOPPED_MARKER).write_text(json.dumps(marker) + "\n")
@@ -242,14 +226,14 @@ def _make_dir(path: Path) -> None:
         raise UserError(f"cannot create the run directory {path} (run.output_dir/run.name): {exc.strerror}") from None
 
 
-def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
+def _fit(run: Run, plan: Plan) -> TrainResult:
     cfg, env, model, data, task = run.cfg, run.env, run.model, run.data, run.task
     strategy, optimizer, scheduler, scaler, logger = run.strategy, run.optimizer, run.scheduler, run.scaler, run.logger
     t = cfg.train
     amp, device = run.autocast(), env.device
     params = [p for p in model.parameters() if p.requires_grad]
+    start_step, end_step = plan.start_step, plan.end_step
     result = TrainResult(step=start_step)
-    end_step = min(last_step, t.stop_at_step or last_step)  # where this invocation stops
     if start_step >= end_step:
         logger.message(f"nothing to do: the run is at step {start_step}, this invocation ends at {end_step}")
         return result
@@ -318,9 +302,9 @@ def _fit(run: Run, start_step: int, last_step: int) -> TrainResult:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the interval's time includes its queued kernels
             step_sums = summed_losses()  # NaN mean when nonfinite=skip skipped the whole interval
-            loss_mean = sum(step_sums) / (env.world_size * t.grad_accum_steps * len(step_sums) or math.nan)
+            loss_mean = sum(step_sums) / (env.world_size * plan.batch.accum * len(step_sums) or math.nan)
             elapsed = time.perf_counter() - interval_start
-            speed = {"samples_per_s": data.global_batch * steps_in_interval / elapsed}
+            speed = {"samples_per_s": plan.batch.global_batch * steps_in_interval / elapsed}
             if tokens_per_sample:
                 speed["tokens_per_s"] = speed["samples_per_s"] * tokens_per_sample
                 if model_flops and peak:

@@ -12,7 +12,9 @@ import torch
 
 from dist_train import checkpoint
 from dist_train.checkpoint import CheckpointError
+from dist_train.data import Batch
 from dist_train.distributed import DistEnv
+from dist_train.plan import check_compatible
 
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -193,7 +195,12 @@ def test_resume_refuses_a_run_that_cannot_continue(change, world, message):
     saved = {"world_size": 1, "global_batch": 16, "config": to_dict(load_config("configs/digits.yaml", base))}
     current = load_config("configs/digits.yaml", base + [f"{k}={v}" for k, v in change.items()])
     with pytest.raises(CheckpointError, match=message):
-        checkpoint.check_compatible(saved, current, world, Path("ckpt"))
+        check_compatible(saved, current, _batch(current, world), Path("ckpt"))
+
+
+def _batch(cfg, world: int) -> Batch:
+    """The step's batch the plan gives `cfg` on `world` processes, before any resume."""
+    return Batch(world, cfg.data.batch_size, cfg.train.grad_accum_steps)
 
 
 def test_a_new_world_size_keeps_the_global_batch_through_accumulation():
@@ -203,15 +210,16 @@ def test_a_new_world_size_keeps_the_global_batch_through_accumulation():
     user_config = to_dict(load_config("configs/digits.yaml", base))
     saved = {"world_size": 2, "global_batch": 64, "config": user_config}
     current = load_config("configs/digits.yaml", base)
-    assert checkpoint.check_compatible(saved, current, 1, Path("c")).train.grad_accum_steps == 4
-    assert checkpoint.check_compatible(saved, current, 4, Path("c")).train.grad_accum_steps == 1
+    assert check_compatible(saved, current, _batch(current, 1), Path("c")) == Batch(1, 16, 4)
+    assert check_compatible(saved, current, _batch(current, 4), Path("c")) == Batch(4, 16, 1)
     # Saved by that 1-rank resume (adapted to 4 micro-batches), resumed again with the same command.
     again = {"world_size": 1, "global_batch": 64, "config": user_config}
-    assert checkpoint.check_compatible(again, current, 1, Path("c")).train.grad_accum_steps == 4
+    assert check_compatible(again, current, _batch(current, 1), Path("c")) == Batch(1, 16, 4)
     # A larger per-rank batch that keeps the global batch is fine without adaptation.
     doubled = load_config("configs/digits.yaml", ["data.batch_size=32", "train.max_steps=10"])
-    assert checkpoint.check_compatible(saved, doubled, 2, Path("c")) is doubled
+    assert check_compatible(saved, doubled, _batch(doubled, 2), Path("c")) == Batch(2, 32, 1)
     with pytest.raises(CheckpointError, match="changes the global batch of 64"):
-        checkpoint.check_compatible(saved, doubled, 1, Path("c"))
+        check_compatible(saved, doubled, _batch(doubled, 1), Path("c"))
     strategy_change = load_config("configs/digits.yaml", base + ["parallel.strategy=fsdp"])
-    assert checkpoint.check_compatible(saved, strategy_change, 2, Path("c")) is strategy_change
+    assert check_compatible(saved, strategy_change, _batch(strategy_change, 2), Path("c")) == Batch(2, 16, 2)
+    assert strategy_change.train.grad_accum_steps == 2  # the config itself is never rewritten

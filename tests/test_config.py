@@ -406,11 +406,19 @@ def test_validate_on_a_hand_built_config():
     cfg = Config()
     with pytest.raises(ConfigError, match="train.max_steps"):
         validate(cfg)  # the schema default has no end
-    cfg.train.max_steps = 10
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=10))
     validate(cfg)
-    cfg.optim.lr = 0.0
     with pytest.raises(ConfigError, match="optim.lr"):
-        validate(cfg)
+        validate(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.0)))
+
+
+def test_the_config_is_frozen():
+    """What the user wrote is never rewritten at run time: derived values live in the plan."""
+    cfg = load_config(DIGITS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.batch_size = 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = None
 
 
 def test_config_error_is_a_user_error():

@@ -10,6 +10,7 @@ from PIL import Image
 from dist_train.config import DataConfig
 from dist_train.data import (
     IN_MEMORY_CHUNK,
+    Batch,
     DataError,
     EvalShard,
     RandomShift,
@@ -91,7 +92,7 @@ def test_eval_shards_cover_every_sample_once():
 
 def test_train_batches_state_resumes_the_stream():
     cfg = DataConfig(dataset="digits", batch_size=16)
-    pipe = build_pipeline(cfg, _cpu_env(), grad_accum_steps=2, seed=5)
+    pipe = build_pipeline(cfg, _cpu_env(), Batch(1, cfg.batch_size, 2), seed=5)
     assert pipe.global_batch == 32 and pipe.train.steps_per_epoch == 1438 // 32
     for _ in range(10):
         pipe.train.next_micro_batch()
@@ -99,7 +100,7 @@ def test_train_batches_state_resumes_the_stream():
     assert state == {"epoch": 0, "samples_consumed": 160}
     expected = [pipe.train.next_micro_batch() for _ in range(6)]
 
-    fresh = build_pipeline(cfg, _cpu_env(), grad_accum_steps=2, seed=5)
+    fresh = build_pipeline(cfg, _cpu_env(), Batch(1, cfg.batch_size, 2), seed=5)
     fresh.train.load_state_dict(state)
     for (x, y), (ex, ey) in zip((fresh.train.next_micro_batch() for _ in range(6)), expected, strict=True):
         assert torch.equal(x, ex) and torch.equal(y, ey)
@@ -107,7 +108,7 @@ def test_train_batches_state_resumes_the_stream():
 
 def test_epoch_rolls_over_after_whole_global_batches():
     cfg = DataConfig(dataset="digits", batch_size=100)
-    pipe = build_pipeline(cfg, _cpu_env(), grad_accum_steps=1, seed=0)
+    pipe = build_pipeline(cfg, _cpu_env(), Batch(1, cfg.batch_size, 1), seed=0)
     for _ in range(pipe.train.steps_per_epoch):
         pipe.train.next_micro_batch()
     assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 0}
@@ -116,7 +117,7 @@ def test_epoch_rolls_over_after_whole_global_batches():
 def test_dataset_smaller_than_one_global_batch_is_an_error():
     cfg = DataConfig(dataset="digits", batch_size=400)
     with pytest.raises(DataError, match="fewer than one global batch of 1600"):
-        build_pipeline(cfg, _cpu_env(rank=0, world=2), grad_accum_steps=2, seed=0)
+        build_pipeline(cfg, _cpu_env(rank=0, world=2), Batch(2, cfg.batch_size, 2), seed=0)
 
 
 def test_digits_split_is_fixed_and_complete():
@@ -182,7 +183,7 @@ def test_synthetic_uint8_images_cross_as_bytes_and_are_normalized_on_the_device(
     from dist_train.distributed import DistEnv
 
     cfg = DataConfig(dataset="synthetic", synthetic_shape=[3, 16, 16], synthetic_size=256, synthetic_dtype="uint8")
-    pipeline = build_pipeline(cfg, DistEnv(0, 0, 1, torch.device("cpu")), 1, 0)
+    pipeline = build_pipeline(cfg, DistEnv(0, 0, 1, torch.device("cpu")), Batch(1, cfg.batch_size, 1), 0)
     inputs, _ = pipeline.train.next_micro_batch()
     assert inputs.dtype == torch.uint8 and inputs.shape == (64, 3, 16, 16)
     normalized = pipeline.inputs_to_device(inputs)
@@ -241,7 +242,7 @@ def test_worker_processes_do_not_change_the_batches():
     # also when the stream restarts mid-epoch on persistent workers.
     def batches(num_workers: int, start_state=None, count=5):
         cfg = DataConfig(dataset="digits", batch_size=16, num_workers=num_workers, augment=True)
-        pipe = build_pipeline(cfg, _cpu_env(), grad_accum_steps=1, seed=3)
+        pipe = build_pipeline(cfg, _cpu_env(), Batch(1, cfg.batch_size, 1), seed=3)
         if start_state:
             pipe.train.load_state_dict(start_state)
         return [pipe.train.next_micro_batch()[0] for _ in range(count)]
@@ -274,7 +275,7 @@ def test_chunked_in_memory_loading_yields_the_per_sample_micro_batches_across_re
     # gathered and augmented at once must split into exactly the micro-batches that per-sample
     # loading of the sampler's order gives.
     cfg = DataConfig(dataset="digits", batch_size=16, augment=True)
-    pipe = build_pipeline(cfg, _cpu_env(rank=1, world=2), grad_accum_steps=1, seed=3)
+    pipe = build_pipeline(cfg, _cpu_env(rank=1, world=2), Batch(2, cfg.batch_size, 1), seed=3)
     assert pipe.train.loader.batch_sampler.chunk_size == 16 * IN_MEMORY_CHUNK  # the chunked path
     steps_per_epoch = pipe.train.steps_per_epoch
     pipe.train.load_state_dict({"epoch": 0, "samples_consumed": (steps_per_epoch - 4) * 32})
@@ -335,7 +336,7 @@ def test_mnist_is_uint8_in_memory_and_normalized_on_the_device(tmp_path):
 
     write_fake_mnist(tmp_path)
     cfg = DataConfig(dataset="mnist", root=str(tmp_path), batch_size=16, augment=False)
-    data = build_pipeline(cfg, _cpu_env(), grad_accum_steps=1, seed=0)
+    data = build_pipeline(cfg, _cpu_env(), Batch(1, cfg.batch_size, 1), seed=0)
     images, _ = data.train.next_micro_batch()
     assert images.dtype == torch.uint8 and images.shape == (16, 1, 28, 28)
     reference = v2.Normalize((0.1307,), (0.3081,))(v2.ToDtype(torch.float32, scale=True)(images))

@@ -21,11 +21,12 @@ import dist_train
 from dist_train import checkpoint
 from dist_train.checkpoint import CheckpointError
 from dist_train.config import ConfigError, ModelConfig, OptimConfig, ScheduleConfig, UserError, load_config, to_dict
-from dist_train.data import DataSpec
+from dist_train.data import Batch, DataSpec
 from dist_train.export import export
 from dist_train.finetune import longest_match, prepare_model, train_mode, user_named_parameters
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler
+from dist_train.plan import check_compatible
 
 PRETRAIN_CLASSES = 6  # digits 0-5; fine-tuning learns 6-9: another class count, so a new head
 
@@ -364,10 +365,11 @@ def test_checkpoints_from_before_fine_tuning_resume_with_the_defaults():
     saved = to_dict(cfg)
     del saved["model"]["freeze"], saved["optim"]["lr_multipliers"]  # written before these keys existed
     state = {"world_size": 1, "global_batch": cfg.data.batch_size, "config": saved}
-    assert checkpoint.check_compatible(state, cfg, 1, Path("old")) is cfg
+    batch = Batch(1, cfg.data.batch_size, 1)
+    assert check_compatible(state, cfg, batch, Path("old")) == batch
     frozen = load_config("configs/digits.yaml", ["train.max_steps=10", "model.freeze=[features]"])
     with pytest.raises(CheckpointError, match=r"written with model.freeze=\[\], this run has \['features'\]"):
-        checkpoint.check_compatible(state, frozen, 1, Path("old"))
+        check_compatible(state, frozen, batch, Path("old"))
 
 
 # --------------------------------------------------------------------------- CLI, torchvision, FSDP

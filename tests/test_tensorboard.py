@@ -159,6 +159,7 @@ def test_the_hparams_carry_the_config_and_the_real_final_validation_metrics(resu
     assert hparams["train.max_steps"].number_value == 16
     assert hparams["data.augment"].string_value == "true"  # a bool, as the config writes it
     assert hparams["world_size"].number_value == 1 and hparams["global_batch"].number_value == 16
+    assert hparams["micro_batch"].number_value == 16 and hparams["grad_accum_steps"].number_value == 1  # the plan's
     assert not {"train.stop_at_step", "logging.tensorboard", "run.output_dir"} & set(hparams)
     assert content["_hparams_/session_end_info"].session_end_info.status == api_pb2.STATUS_SUCCESS
 

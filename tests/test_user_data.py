@@ -18,7 +18,7 @@ import dist_train
 from dist_train import checkpoint
 from dist_train.cli import main
 from dist_train.config import DataConfig
-from dist_train.data import DataError, DataSpec, ResumableDistributedSampler, build_datasets, build_pipeline
+from dist_train.data import Batch, DataError, DataSpec, ResumableDistributedSampler, build_datasets, build_pipeline
 from dist_train.distributed import DistEnv
 
 
@@ -61,8 +61,8 @@ def test_a_bad_factory_is_one_line_and_exit_2(tmp_path, monkeypatch, capfd, fact
 def test_a_validation_set_smaller_than_the_world_is_an_error():
     cfg = DataConfig(dataset="tests.user_datasets:tensors", kwargs={"n_val": 3}, batch_size=4)
     with pytest.raises(DataError, match="has 3 validation samples, fewer than the 4 processes"):
-        build_pipeline(cfg, _env(4), grad_accum_steps=1, seed=0)
-    pipe = build_pipeline(cfg, _env(3), grad_accum_steps=1, seed=0)  # one each is enough
+        build_pipeline(cfg, _env(4), Batch(4, cfg.batch_size, 1), seed=0)
+    pipe = build_pipeline(cfg, _env(3), Batch(3, cfg.batch_size, 1), seed=0)  # one each is enough
     assert len(pipe.val_loader) == 1
 
 

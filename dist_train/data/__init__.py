@@ -10,6 +10,7 @@ Two decisions make resume exact and independent of workers and world size:
 """
 
 from dist_train.data.augmentation import RandomShift
+from dist_train.data.batch import Batch
 from dist_train.data.datasets import (
     DataError,
     Datasets,
@@ -31,6 +32,7 @@ from dist_train.data.sampler import ChunkSampler, EvalShard, ResumableDistribute
 
 __all__ = [
     "IN_MEMORY_CHUNK",
+    "Batch",
     "ChunkSampler",
     "DataError",
     "DataPipeline",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import inspect
 import os
@@ -40,6 +41,7 @@ class Datasets:
     baseline_val_loss: float | None = None
     # Images held as uint8: (mean, std) per channel of [0, 1] pixels, applied on the device.
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    origin: str = "the dataset given to dist_train.fit"  # what one-line errors call it
 
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -374,6 +376,10 @@ DOWNLOADABLE = ("cifar10", "mnist")
 def build_datasets(cfg: DataConfig, download: bool | None = None) -> Datasets:
     """The named datasets, or a user factory's; `download` (default data.download) fetches
     what is missing."""
+    return dataclasses.replace(_build_datasets(cfg, download), origin=f"data.dataset={cfg.dataset}")
+
+
+def _build_datasets(cfg: DataConfig, download: bool | None) -> Datasets:
     if cfg.dataset == "digits":
         return _digits(cfg)
     if cfg.dataset in DOWNLOADABLE:

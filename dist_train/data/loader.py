@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from dist_train.config import DataConfig
+from dist_train.data.batch import Batch
 from dist_train.data.datasets import DOWNLOADABLE, DataError, Datasets, DataSpec, build_datasets, one_line
 from dist_train.data.sampler import ChunkSampler, EvalShard, ResumableDistributedSampler, SampleKeys
 from dist_train.distributed import DistEnv, all_gather_objects, all_reduce_sum
@@ -307,12 +308,16 @@ class DataPipeline:
     train: TrainBatches
     val_loader: EvalBatches
     spec: DataSpec
-    global_batch: int
+    batch: Batch  # the step's shape: ranks x micro-batch x accumulation
     baseline_val_loss: float | None
     device: torch.device = torch.device("cpu")
     # Images kept as uint8 are normalized on the device: (x - 255 mean) / (255 std) per channel.
     pixel_offset: torch.Tensor | None = None
     pixel_scale: torch.Tensor | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch.global_batch
 
     def inputs_to_device(
         self, inputs: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format
@@ -362,24 +367,18 @@ def load_datasets(cfg: DataConfig, env: DistEnv) -> Datasets:
 
 
 def build_pipeline(
-    cfg: DataConfig,
-    env: DistEnv,
-    grad_accum_steps: int,
-    seed: int,
-    datasets: Datasets | None = None,
-    named: str | None = None,
+    cfg: DataConfig, env: DistEnv, batch: Batch, seed: int, datasets: Datasets | None = None
 ) -> DataPipeline:
-    """The run's batches from the datasets `cfg` names, or from `datasets` when given (`named`:
-    what error lines call them, when not the dataset given to dist_train.fit)."""
-    named = named or (f"data.dataset={cfg.dataset}" if datasets is None else "the dataset given to dist_train.fit")
+    """The run's batches, shaped as `batch` says, from the datasets `cfg` names, or from
+    `datasets` when given."""
     datasets = datasets if datasets is not None else load_datasets(cfg, env)
-    global_batch = env.world_size * cfg.batch_size * grad_accum_steps
+    named = datasets.origin
     n_train = len(datasets.train)
-    if n_train < global_batch:
+    if n_train < batch.global_batch:
         raise DataError(
             f"{named} has {n_train} training samples, fewer than one global batch of "
-            f"{global_batch} (world {env.world_size} x data.batch_size {cfg.batch_size} x "
-            f"train.grad_accum_steps {grad_accum_steps})"
+            f"{batch.global_batch} (world {batch.world_size} x data.batch_size {batch.micro} x "
+            f"train.grad_accum_steps {batch.accum})"
         )
     n_val = len(datasets.val)
     if n_val < env.world_size:
@@ -388,7 +387,7 @@ def build_pipeline(
             f"{named} has {n_val} validation samples, fewer than the {env.world_size} "
             "processes: every rank evaluates at least one (use fewer processes or more validation samples)"
         )
-    sampler = ResumableDistributedSampler(n_train, env.world_size, env.rank, seed, global_batch)
+    sampler = ResumableDistributedSampler(n_train, env.world_size, env.rank, seed, batch.global_batch)
     loader_kwargs: dict[str, Any] = dict(
         num_workers=cfg.num_workers,
         pin_memory=env.device.type == "cuda",
@@ -400,7 +399,7 @@ def build_pipeline(
     train_set = SeededAugment(datasets.train, datasets.train_transform, seed, cfg.skip_bad_samples)
     train_loader = DataLoader(
         train_set,
-        batch_sampler=ChunkSampler(sampler, cfg.batch_size, IN_MEMORY_CHUNK if train_set.in_memory else 1),
+        batch_sampler=ChunkSampler(sampler, batch.micro, IN_MEMORY_CHUNK if train_set.in_memory else 1),
         collate_fn=collate,
         **loader_kwargs,
     )
@@ -413,10 +412,10 @@ def build_pipeline(
         **loader_kwargs,
     )
     return DataPipeline(
-        TrainBatches(train_loader, sampler, cfg.batch_size, cfg.skip_bad_samples),
+        TrainBatches(train_loader, sampler, batch.micro, cfg.skip_bad_samples),
         EvalBatches(val_loader),
         datasets.spec,
-        global_batch,
+        batch,
         datasets.baseline_val_loss,
         env.device,
         *uint8_normalization(datasets.normalize, env.device),
