@@ -67,6 +67,7 @@ sys.path.insert(0, str(REPO))
 from dist_train.launcher import child_pids  # noqa: E402
 
 QUIET = ["logging.wandb.mode=disabled", "train.progress_bar=false"]
+EXTRA_OVERRIDES_ENV = "GPU_CHECK_EXTRA_OVERRIDES"  # space-separated key=value, after each check's own
 # A memory cap for the find_batch_oom check, set in the training process before dist_train starts
 # (a CPU has none to cap: smoke runs the same entry).
 CAPPED = (
@@ -158,7 +159,7 @@ class Check:
 
     def _log(self, stdout: str, stderr: str, code: object) -> None:
         with self.log.open("a") as log:
-            log.write(f"--- exit {code}\n--- stdout\n{stdout[-20000:]}\n--- stderr\n{stderr[-20000:]}\n")
+            log.write(f"--- exit {code}\n--- stdout\n{_clip(stdout)}\n--- stderr\n{_clip(stderr)}\n")
 
     def cli(
         self, verb: str, config: str, overrides: list[str], nproc: int = 1, run_dir: Path | None = None,
@@ -173,7 +174,9 @@ class Check:
         # Smoke: validation loss only. torchmetrics imports torchvision, ~4 s of CPU per process,
         # which is most of what a smoke run costs beyond torch itself.
         light = ["train.metrics=[]"] if self.smoke else []
-        args = [*entry, verb, config, f"run.output_dir={run_dir}", *QUIET, *light, *overrides]
+        # EXTRA_OVERRIDES_ENV: appended to every run's overrides (a test holds a run past its box).
+        extra = os.environ.get(EXTRA_OVERRIDES_ENV, "").split()
+        args = [*entry, verb, config, f"run.output_dir={run_dir}", *QUIET, *light, *overrides, *extra]
         if verb == "launch":
             args += ["--nproc-per-node", str(nproc)]
         proc = self.command(args, env)
@@ -360,6 +363,13 @@ def gpt2_small(check: Check, compile: bool) -> Result:
     skip = 2 if compile else 1  # warm-up, compilation, first intervals
     numbers = {"tokens_per_s": _steady(run, "tokens_per_s", skip), "mfu": _steady(run, "mfu", skip), **run.memory()}
     return Result(None if check.smoke else numbers["mfu"] >= 0.45, numbers, "MFU >= 45%", run.start_line)
+
+
+def _clip(text: str, head: int = 4000, tail: int = 16000) -> str:
+    """A long output's start (the commands launch ran, the run's setup) and its end (the error)."""
+    if len(text) <= head + tail:
+        return text
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters left out ...]\n{text[-tail:]}"
 
 
 def _kill_tree(root: int) -> None:

@@ -83,8 +83,9 @@ class Plan:
             )
         return lines
 
-    def to_dict(self) -> dict[str, Any]:
-        """As a checkpoint and `dist-train config` record it."""
+    def of_the_run(self) -> dict[str, Any]:
+        """What a checkpoint records: the batch and steps the run trains with, the same in a
+        resumed run as in an uninterrupted one (not where this invocation started or stops)."""
         return {
             "world_size": self.batch.world_size,
             "micro_batch": self.batch.micro,
@@ -92,6 +93,12 @@ class Plan:
             "global_batch": self.batch.global_batch,
             "steps_per_epoch": self.steps_per_epoch,
             "last_step": self.last_step,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """As RUN_DIR/plan.json records this invocation's plan."""
+        return {
+            **self.of_the_run(),
             "start_step": self.start_step,
             "end_step": self.end_step,
             "resume_from": None if self.resume is None else str(self.resume.path),

@@ -169,7 +169,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
                 "global_batch": plan.batch.global_batch,
                 "micro_batch": plan.batch.micro,
                 "config": to_dict(cfg),  # as the user wrote it
-                "plan": plan.to_dict(),
+                "plan": plan.of_the_run(),
             }
             if saver is not None and not final:
                 return saver.save(checkpoint_root, step, train_state, model, optimizer, cfg.checkpoint.keep_last)

@@ -18,13 +18,13 @@ NEEDS_CUDA = {"nccl_fp16", "gpt2_small_compiled"}  # skipped by --smoke
 MEASURED = {"resnet50", "gpt2_small_eager"}  # numbers with a GPU target, none on a CPU
 
 
-def _session(tmp_path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, Path]:
+def _session(tmp_path, *args: str, timeout: float, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
     """device_session.sh with OUT=tmp_path/out and its scratch (the runs) under tmp_path/scratch."""
     import sys
 
     out, scratch = tmp_path / "out", tmp_path / "scratch"
     scratch.mkdir()
-    env = cli_env() | {"OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(scratch)}
+    env = cli_env() | {"OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(scratch)} | env
     command = ["bash", "benchmarks/device_session.sh", *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout), out
 
@@ -71,10 +71,11 @@ def test_the_device_session_runs_every_check_and_writes_one_json_each(tmp_path):
 
 
 def test_a_check_the_budget_cuts_short_is_killed_whole_and_the_next_is_skipped(tmp_path):
-    """A 12 s budget: ddp_2_ranks (20-60 s on a CPU) is killed with its torchrun agent and
-    workers; nccl_bf16 finds no time left. Cut short by the budget, not failed: exit 0."""
+    """A 12 s budget: ddp_2_ranks, held to 100,000 steps whatever the machine's speed, is killed
+    with its torchrun agent and workers; nccl_bf16 finds no time left. Cut short by the budget,
+    not failed: exit 0."""
     proc, out = _session(tmp_path, "--smoke", "--budget-s", "12", "--min-box-s", "1", "--only", "nccl_bf16",
-                         "ddp_2_ranks", timeout=120)  # fmt: skip
+                         "ddp_2_ranks", timeout=120, GPU_CHECK_EXTRA_OVERRIDES="train.max_steps=100000")  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert list(results) == ["ddp_2_ranks", "nccl_bf16"]  # the session's order: riskiest first

@@ -57,7 +57,10 @@ def test_a_run_records_the_config_as_written_and_the_plan_as_it_ran(tmp_path):
         "last_step": 6, "start_step": 0, "end_step": 6, "resume_from": None, "device": "cpu", "strategy": "none",
     }  # fmt: skip
     state = checkpoint.load_train_state(result.checkpoint)
-    assert state["config"] == to_dict(cfg) and state["plan"] == plan
+    assert state["config"] == to_dict(cfg)
+    # The checkpoint holds the run's part of the plan, which a resumed run writes alike.
+    of_the_run = ("world_size", "micro_batch", "grad_accum_steps", "global_batch", "steps_per_epoch", "last_step")
+    assert state["plan"] == {key: plan[key] for key in of_the_run}
 
     # Resumed with more steps: the plan starts at the checkpoint and says where it came from.
     more = load_config(
