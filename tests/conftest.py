@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,6 +155,16 @@ def launch_gpt(root: Path, name: str, gpt: dict, nproc: int, **overrides: object
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """Every record rank 0 wrote to RUN_DIR/metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged(run_dir: Path, key: str) -> dict[int, Any]:
+    """{step: value} of every metrics.jsonl record that holds `key`, in step order."""
+    return {record["step"]: record[key] for record in metrics_records(run_dir) if key in record}
 
 
 def final_model(root: Path, name: str) -> dict:

@@ -4,12 +4,11 @@ once complete; a failed background write fails the run in one line and resume sk
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, logged, metrics_records, run_cli, tiny_overrides
 
 from dist_train import checkpoint
 from dist_train.async_checkpoint import FAIL_WRITE_AT_STEP, HOST_MEMORY_GB
@@ -52,11 +51,6 @@ def _assert_same(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
-def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
-
-
 def test_async_checkpoints_equal_sync_ones_bit_for_bit(tmp_path, capsys):
     """Saved every 2 steps of 6 while training goes on: BatchNorm's running statistics change in
     the very next forward, so staging after it would show here."""
@@ -67,9 +61,9 @@ def test_async_checkpoints_equal_sync_ones_bit_for_bit(tmp_path, capsys):
         sync_dir, async_dir = (checkpoint.step_dir(runs / name / "checkpoints", step) for name in ("sync", "async"))
         checkpoint.verify(async_dir)  # its manifest was written after the background write finished
         _assert_same(_everything(async_dir), _everything(sync_dir), f"step {step}")
-    assert _losses(runs / "async") == _losses(runs / "sync")
+    assert logged(runs / "async", "loss") == logged(runs / "sync", "loss")
     assert not list((runs / "async" / "checkpoints").glob("*.partial"))
-    stalls = [json.loads(line) for line in (runs / "async" / "metrics.jsonl").read_text().splitlines()]
+    stalls = metrics_records(runs / "async")
     assert [row["step"] for row in stalls if "checkpoint_stall_s" in row] == [2, 4, 6]
 
 

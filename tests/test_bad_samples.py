@@ -3,12 +3,11 @@ data.skip_bad_samples a deterministic replacement, counted as bad_samples across
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides
+from conftest import REPO, metrics_records, tiny_overrides
 from PIL import Image
 
 import dist_train
@@ -83,7 +82,7 @@ def expected_bad_samples(steps: list[int], seed: int = 0) -> dict[int, int]:
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics_records(run_dir)
     return {line["step"]: line[key] for line in lines if key in line}
 
 

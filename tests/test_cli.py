@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, metrics_records, run_cli, tiny_overrides
 
 from dist_train.config import load_config
 
@@ -221,7 +221,7 @@ def test_tiny_run_outputs_are_consistent(tiny_run):
     # The resolved config written to the run directory is exactly the config the CLI built.
     expected = load_config(REPO / "configs" / "digits.yaml", tiny_overrides(root))
     assert load_config(run_dir / "config.yaml") == expected
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(run_dir)
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
     assert [r["step"] for r in records if "val_acc" in r] == [6]
     manifest = json.loads((run_dir / "checkpoints" / "step_00000006" / "manifest.json").read_text())

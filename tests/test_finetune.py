@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, final_model
 from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -434,7 +434,7 @@ def test_the_resnet50_config_reads_torchvision_weights_from_the_cache_only(tmp_p
     assert any(line.startswith("model.freeze: 30 of 62 parameter tensors frozen") for line in out), out
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "finetune_resnet50" / "metrics.jsonl").open()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
-    final = checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / "finetune_resnet50" / "checkpoints"))
+    final = final_model(tmp_path, "finetune_resnet50")
     pretrained = imagenet_like.state_dict()
     # Frozen stages and every BatchNorm statistic (freeze_batchnorm) are ImageNet's; layer4 learned.
     for name in ("conv1.weight", "layer2.1.conv2.weight", "layer3.0.bn1.running_mean", "layer4.1.bn2.running_var"):

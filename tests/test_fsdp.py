@@ -3,14 +3,13 @@ exact resume."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, cli_env, final_model, launch_gpt, run_cli, tiny_overrides
+from conftest import REPO, cli_env, final_model, launch_gpt, logged, metrics_records, run_cli, tiny_overrides
 
 from dist_train import checkpoint
 
@@ -39,12 +38,8 @@ def _launch(tmp_path, name, nproc=2, **overrides):
 _params = final_model
 
 
-def _metric_lines(tmp_path, name="elastic"):
-    return (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
-
-
 def _logged(tmp_path, name, key):
-    return [r[key] for r in map(json.loads, _metric_lines(tmp_path, name)) if key in r]
+    return list(logged(tmp_path / "runs" / name, key).values())
 
 
 def _losses(tmp_path, name):
@@ -158,7 +153,7 @@ def test_a_checkpoint_reshards_onto_another_world_size(tmp_path, saved_on, resum
     assert f"written by {saved_on} processes, resumed on {resumed_on}" in proc.stdout
     # Steps 1-2 ran on one world size, 3-4 on the other: FSDP on 2 ranks holds about half the
     # parameter and optimizer bytes per rank (rank 0's local shards, as logged).
-    state_mb = {r["step"]: r["param_optim_mb"] for r in map(json.loads, _metric_lines(tmp_path)) if "loss" in r}
+    state_mb = logged(tmp_path / "runs" / "elastic", "param_optim_mb")
     one_rank, two_ranks = (state_mb[2], state_mb[4]) if saved_on == 1 else (state_mb[4], state_mb[2])
     assert two_ranks <= 0.55 * one_rank
     straight, resumed = _params(tmp_path, "straight"), _params(tmp_path, "elastic")
@@ -173,5 +168,5 @@ def test_the_gpt_fsdp_config_learns_below_the_unigram_baseline(tmp_path):
     proc = run_cli("launch", "configs/gpt_fsdp.yaml", "--nproc-per-node", "2", *overrides, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     baseline = float(proc.stdout.split("baseline: val_loss=")[1].split()[0])
-    final = [r for r in map(json.loads, _metric_lines(tmp_path, "gpt_fsdp")) if "val_loss" in r][-1]
+    final = [r for r in metrics_records(tmp_path / "runs" / "gpt_fsdp") if "val_loss" in r][-1]
     assert final["step"] == 150 and final["val_loss"] < 0.8 * baseline, (final, baseline)

@@ -3,12 +3,11 @@ numbers as DDP and plain FSDP, resume across meshes and world sizes, and the one
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
-from conftest import REPO, final_model, launch_gpt, run_cli, tiny_overrides, two_node_agents
+from conftest import REPO, final_model, launch_gpt, logged, run_cli, tiny_overrides, two_node_agents
 
 from dist_train import checkpoint
 from dist_train.config import ConfigError, ParallelConfig
@@ -41,8 +40,7 @@ _params = final_model
 
 
 def _logged(root, name, key):
-    lines = (root / "runs" / name / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+    return logged(root / "runs" / name, key)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, cli_env, run_cli, tiny_overrides
+from conftest import REPO, cli_env, final_model, run_cli, tiny_overrides
 from torch.distributed.run import get_args_parser
 
 from dist_train import checkpoint, launcher, worker_env
@@ -383,7 +383,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_as_if_uninterrupted(t
 
     final = {}
     for name in ("straight", "crashed"):
-        final[name] = checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / name / "checkpoints"))
+        final[name] = final_model(tmp_path, name)
     for key, tensor in final["straight"].items():
         assert torch.equal(final["crashed"][key], tensor), key
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, metrics_records, run_cli, tiny_overrides
 
 from dist_train import checkpoint, cli
 from dist_train.config import DataConfig
@@ -54,8 +54,7 @@ def fsdp_run(tmp_path_factory) -> Path:
 
 
 def _logged(run_dir: Path, step: int) -> dict[str, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    (row,) = [r for r in rows if r["step"] == step and "val_loss" in r]
+    (row,) = [r for r in metrics_records(run_dir) if r["step"] == step and "val_loss" in r]
     return {k: v for k, v in row.items() if k not in ("step", "time")}
 
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, final_model, run_cli, tiny_overrides
 
 from dist_train import checkpoint
 from dist_train.config import DataConfig, ModelConfig, ParallelConfig, load_config
@@ -27,11 +27,6 @@ COMMON = {
 }
 
 
-def _final_params(tmp_path, name):
-    root = tmp_path / "runs" / name / "checkpoints"
-    return checkpoint.read_full_state(checkpoint.latest_valid(root), "model")
-
-
 def _launch(tmp_path, nproc, name, **overrides):
     proc = run_cli(
         "launch",
@@ -49,9 +44,9 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
     _launch(tmp_path, 1, "one", **{"data.batch_size": 32})
     _launch(tmp_path, 2, "two", **{"data.batch_size": 16})
     _launch(tmp_path, 2, "two_accum", **{"data.batch_size": 8, "train.grad_accum_steps": 2})
-    one = _final_params(tmp_path, "one")
+    one = final_model(tmp_path, "one")
     for name in ("two", "two_accum"):
-        other = _final_params(tmp_path, name)
+        other = final_model(tmp_path, name)
         for key in one:
             torch.testing.assert_close(other[key], one[key], rtol=1e-5, atol=1e-6)
     # The comparison means something only if training moved the weights.
@@ -92,7 +87,7 @@ def test_two_rank_resume_is_bitwise_exact(tmp_path):
     _launch(tmp_path, 2, "split", **run, **{"train.stop_at_step": 3})
     proc = _launch(tmp_path, 2, "split", **run)
     assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
-    straight, resumed = _final_params(tmp_path, "straight"), _final_params(tmp_path, "split")
+    straight, resumed = final_model(tmp_path, "straight"), final_model(tmp_path, "split")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
 

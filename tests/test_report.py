@@ -5,13 +5,12 @@ that write nothing."""
 from __future__ import annotations
 
 import base64
-import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_overrides
+from conftest import REPO, metrics_records, tiny_overrides
 from PIL import Image
 
 import dist_train
@@ -40,7 +39,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics_records(run_dir)
 
 
 def _report(capsys, *args: str) -> str:

@@ -15,9 +15,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, final_model
 
-from dist_train import checkpoint
 from dist_train.config import UserError
 from dist_train.launcher import LaunchOptions, from_slurm, torchrun_command
 from dist_train.slurm import detect, expand_hostlist
@@ -132,10 +131,6 @@ def _finished(job_id):
     return job if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
 
 
-def _final_params(tmp_path, name):
-    return checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / name / "checkpoints"))
-
-
 STEPS = ["train.max_steps=1500", "train.log_every=10", "checkpoint.every_steps=1000"]
 
 
@@ -182,7 +177,7 @@ def test_a_job_completes_and_a_warned_job_requeues_and_resumes_exactly(cluster, 
     assert re.search(rf"resumed from \S+step_{step:08d} at step {step}", output), output[-3000:]
     assert f"job {preempted} (restart 1)" in output
 
-    straight_params, resumed_params = _final_params(tmp_path, "straight"), _final_params(tmp_path, "preempted")
+    straight_params, resumed_params = final_model(tmp_path, "straight"), final_model(tmp_path, "preempted")
     assert straight_params.keys() == resumed_params.keys()
     for key in straight_params:
         assert torch.equal(straight_params[key], resumed_params[key]), key

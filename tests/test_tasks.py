@@ -3,13 +3,11 @@ through the real CLI on the digits job."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, metrics_records, run_cli, tiny_overrides
 from torch import nn
 
 from dist_train.config import ConfigError, TrainConfig, load_config
@@ -131,20 +129,16 @@ def test_unknown_losses_and_metrics_are_config_errors():
         build_task(TrainConfig(loss="user_losses:nope"))
 
 
-def _metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_user_loss_on_the_cli_trains_and_reports_only_the_metrics_asked_for(tmp_path):
     common = tiny_overrides(tmp_path, **{"train.loss": "tests.user_losses:cross_entropy_times_two"})
     proc = run_cli("train", "configs/digits.yaml", *common, "run.name=plain", cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ", loss tests.user_losses:cross_entropy_times_two" in proc.stdout
-    evals = [r for r in _metrics(tmp_path / "runs" / "plain") if "val_loss" in r]
+    evals = [r for r in metrics_records(tmp_path / "runs" / "plain") if "val_loss" in r]
     assert evals and all("val_acc" not in r for r in evals)
     proc = run_cli("train", "configs/digits.yaml", *common, "run.name=acc", "train.metrics=[accuracy]", cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    evals = [r for r in _metrics(tmp_path / "runs" / "acc") if "val_loss" in r]
+    evals = [r for r in metrics_records(tmp_path / "runs" / "acc") if "val_loss" in r]
     assert 0 <= evals[-1]["val_acc"] <= 1
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli_env, run_cli, tiny_overrides
+from conftest import REPO, cli_env, metrics_records, run_cli, tiny_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.compat.proto import event_pb2
@@ -165,7 +165,7 @@ def test_the_hparams_carry_the_config_and_the_real_final_validation_metrics(resu
 
     metric_tags = {m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos}
     # The HParams table shows a metric as the last point of the tag it names: the final validation.
-    records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(resumed.run_dir)
     final_val = [r for r in records if "val_loss" in r][-1]
     assert final_val["step"] == 16
     validation_keys = [key for key in final_val if key.startswith("val_")]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import final_model, metrics_records, tiny_overrides
 
 from dist_train import checkpoint
 from dist_train.config import ConfigError, load_config
@@ -82,7 +82,7 @@ def test_resume_may_extend_max_steps(tmp_path, schedule):
     _run(tmp_path, **common, **{"train.max_steps": 6})
     cfg, extended = _run(tmp_path, **common, **{"train.max_steps": 10, "train.log_every": 1})
     assert extended.step == 10
-    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(cfg.run_dir)
     assert [r["step"] for r in records if "lr" in r] == [2, 4, 6, 7, 8, 9, 10]
 
 
@@ -114,7 +114,7 @@ def test_scheduler_steps_once_per_optimizer_step(tmp_path):
             "optim.lr": 0.1,
         },
     )
-    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(cfg.run_dir)
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
     assert sorted(lrs) == list(range(1, 13))
     for step, lr in lrs.items():
@@ -275,7 +275,7 @@ def test_nonfinite_skip_drops_the_bad_updates_on_every_rank_and_trains_on(tmp_pa
         _run(tmp_path / "error", **common)
     cfg, result = _run(tmp_path / "skip", **common, **{"train.nonfinite": "skip"})
     assert result.step == 40
-    logged = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = metrics_records(cfg.run_dir)
     skipped = [r["skipped_steps"] for r in logged if "skipped_steps" in r][-1]
     assert 0 < skipped < 40  # batches with an input value above 2 give NaN; the others train
     assert all(math.isfinite(r["loss"]) for r in logged if "loss" in r)  # the mean of the updates taken
@@ -346,10 +346,10 @@ def test_channels_last_trains_like_contiguous_and_ddp_on_one_process_runs_as_non
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on cpu, none, fp32, channels_last, process group gloo" in proc.stdout
     _, contiguous = _run(tmp_path, "nchw", **{"train.channels_last": False})
-    nhwc = checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / "nhwc" / "checkpoints"), "model")
+    nhwc = final_model(tmp_path, "nhwc")
     for key, value in _final_params(contiguous).items():
         torch.testing.assert_close(nhwc[key], value, rtol=1e-4, atol=1e-5)  # summation order only
-    logged = [json.loads(line) for line in (tmp_path / "runs" / "nhwc" / "metrics.jsonl").read_text().splitlines()]
+    logged = metrics_records(tmp_path / "runs" / "nhwc")
     assert [r["step"] for r in logged if "checkpoint_stall_s" in r] == [3, 6]  # the stall of every save
 
 
