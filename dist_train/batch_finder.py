@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_train.config import Config, ConfigError, UserError
+from dist_train.config import Config, UserError
 from dist_train.data import Batch, Datasets, build_pipeline
+from dist_train.data.batch import check_global_batch, split_global_batch
 from dist_train.data.loader import load_datasets
 from dist_train.distributed import DistEnv, all_reduce_max, all_reduce_min, process_group
 from dist_train.efficiency import local_shard, param_and_optimizer_bytes
@@ -113,7 +114,7 @@ def search(
     loss: LossFn | None = None,
 ) -> BatchSearch:
     """The largest micro-batch per rank that fits, agreed by every rank (call it on all)."""
-    _check_global_batch(cfg, env.world_size)  # before any trial
+    check_global_batch(cfg, env.world_size)  # before any trial
     if datasets is None:
         datasets = load_datasets(cfg.data, env)
     bound, bound_by = len(datasets.train) // env.world_size, "the training set per rank"
@@ -323,27 +324,6 @@ def resolve_batch(
             line += f"; {batch.micro} makes up train.global_batch={cfg.train.global_batch}"
         print(f"data.batch_size=auto: {line}", flush=True)
     return batch
-
-
-def split_global_batch(cfg: Config, world: int, micro: int, searched: bool = False) -> Batch:
-    """The step's batch for a micro-batch: with train.global_batch, the accumulation that makes
-    it up, and for a micro-batch the search found (`searched`) the largest size up to it that can."""
-    global_batch = cfg.train.global_batch
-    if global_batch is None:
-        return Batch(world, micro, cfg.train.grad_accum_steps)
-    _check_global_batch(cfg, world)
-    if searched:
-        micro = max(d for d in range(1, micro + 1) if (global_batch // world) % d == 0)
-    if global_batch % (world * micro):
-        raise ConfigError(
-            f"train.global_batch={global_batch} is not a multiple of {world} processes x data.batch_size {micro}"
-        )
-    return Batch(world, micro, global_batch // (world * micro))
-
-
-def _check_global_batch(cfg: Config, world: int) -> None:
-    if cfg.train.global_batch is not None and cfg.train.global_batch % world:
-        raise ConfigError(f"train.global_batch={cfg.train.global_batch} is not a multiple of the {world} processes")
 
 
 def find_batch(cfg: Config) -> BatchSearch:

@@ -7,6 +7,7 @@ that many workers through torchrun, exactly as `dist-train launch` starts `train
 """
 
 from dist_train.commands import (
+    config,
     evaluate,
     export,
     find_batch,
@@ -24,6 +25,7 @@ from dist_train.commands import (
 VERBS = {
     "train": train,
     "launch": launch,
+    "config": config,
     "eval": evaluate,
     "export": export,
     "report": report,
