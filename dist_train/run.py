@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from dist_train import finetune
+from dist_train.checkpointer import Checkpointer
 from dist_train.config import Config
 from dist_train.data import DataPipeline, Datasets
 from dist_train.distributed import DistEnv, broadcast_module, use_channels_last
@@ -52,7 +51,7 @@ class Run:
     data: DataPipeline
     task: Task
     logger: RunLogger
-    save: Callable[[int, bool], Path] | None  # (step, final); None: a tool that trains without checkpoints (find-lr)
+    checkpointer: Checkpointer | None  # None: a tool that trains without checkpoints (find-lr)
     stop: StopRequest | None
     channels_last: bool = False  # inputs go to the device in the layout the model was given
     sparsity: NoSparsity | Sparsity = field(default_factory=NoSparsity)  # masks kept after each step

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_train import checkpoint
-from dist_train.async_checkpoint import AsyncCheckpointer
+from dist_train.checkpointer import Checkpointer, SchedulePosition
 from dist_train.config import Config, UserError, check_device, dump_yaml, resolve_auto, to_dict
 from dist_train.data import build_pipeline
 from dist_train.data.loader import load_datasets
@@ -47,7 +47,7 @@ from dist_train.efficiency import (
     peak_flops,
 )
 from dist_train.logger import RunLogger, new_wandb_run_id
-from dist_train.optim import build_scheduler, keep_kernel_choice, load_scheduler_position
+from dist_train.optim import build_scheduler
 from dist_train.parallel import build_strategy
 from dist_train.plan import Plan, make_plan
 from dist_train.preemption import STOPPED_MARKER, StopRequest
@@ -107,22 +107,23 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout) from here on
 
-    wandb_run_id = new_wandb_run_id()
+    wandb_run_id = broadcast_object(new_wandb_run_id() if resume is None else resume.state["wandb_run_id"])
+    # A checkpoint holds model and optimizer (DCP), these parts' states under their names (saved
+    # and restored from this one declaration), and what it records about the run.
+    checkpointer = Checkpointer(
+        cfg.checkpoint, checkpoint_root, env, model, optimizer,
+        stateful={"scheduler": SchedulePosition(scheduler), "scaler": scaler, "data": data.train},
+        record={
+            "wandb_run_id": wandb_run_id,
+            "config": to_dict(cfg),  # as the user wrote it
+            "plan": plan.of_the_run(),
+            # The batch as it ran, read by resume checks (data.batch_size=auto resumes with it).
+            "world_size": env.world_size, "global_batch": plan.batch.global_batch, "micro_batch": plan.batch.micro,
+        },
+    )  # fmt: skip
     if resume is not None:
-        state = resume.state
-        checkpoint.load_model_and_optimizer(resume.path, model, optimizer)
-        keep_kernel_choice(optimizer, fused)
-        load_scheduler_position(scheduler, state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        data.train.load_state_dict(state["data"])
-        wandb_run_id = state["wandb_run_id"]
-        if plan.world_changed:
-            # Ranks no longer map one-to-one onto saved RNG streams: fresh ones, distinct per step.
-            seed_everything(hash((cfg.run.seed, env.rank, start_step)) % 2**31)
-        else:
-            checkpoint.set_rng_state(checkpoint.load_rng_state(resume.path, env.rank))
+        checkpointer.restore(resume.path, resume.state, fused, not plan.world_changed, cfg.run.seed)
     sparsity = build_sparsity(cfg, strategy.unwrap(model), start_step, last_step)  # weights final by now
-    wandb_run_id = broadcast_object(wandb_run_id)
 
     def open_run_dir() -> RunLogger:
         _make_dir(run_dir)  # only now: a failed start leaves nothing behind
@@ -136,7 +137,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         return RunLogger(cfg, run_dir, True, wandb_run_id, start_step, last_step)
 
     logger = on_rank0(env, open_run_dir, share=False) or RunLogger(cfg, run_dir, False, wandb_run_id, 0, 0)
-    failed, saver = True, None
+    failed = True
     try:
         for line in plan.describe():
             logger.message(line)
@@ -154,33 +155,12 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         if data.baseline_val_loss is not None:
             logger.message(f"baseline: val_loss={data.baseline_val_loss:.4g} predicting from token frequencies alone")
 
-        if cfg.checkpoint.async_save:
-            saver = AsyncCheckpointer(env, cfg.parallel.collective_timeout_s, logger.message)
-
-        def save(step: int, final: bool) -> Path:
-            train_state = {
-                "step": step,
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "data": data.train.state_dict(),
-                "wandb_run_id": wandb_run_id,
-                # The plan's batch as it ran (data.batch_size=auto resumes with its micro-batch).
-                "world_size": env.world_size,
-                "global_batch": plan.batch.global_batch,
-                "micro_batch": plan.batch.micro,
-                "config": to_dict(cfg),  # as the user wrote it
-                "plan": plan.of_the_run(),
-            }
-            if saver is not None and not final:
-                return saver.save(checkpoint_root, step, train_state, model, optimizer, cfg.checkpoint.keep_last)
-            if saver is not None:
-                saver.drain()  # the last save is synchronous: the run ends with every checkpoint complete
-            return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, env, cfg.checkpoint.keep_last)
+        checkpointer.start(cfg.parallel.collective_timeout_s, logger.message)  # checkpoint.async_save's writer
 
         stop = StopRequest([cfg.checkpoint.preempt_signal, "SIGTERM"], cfg.parallel.collective_timeout_s)
         with stop, ScheduledGC(cfg.train.gc_every_steps) as gc:
             run = Run(
-                cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, save, stop,
+                cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, checkpointer, stop,
                 channels_last=channels_last, sparsity=sparsity, scheduled_gc=gc,
             )  # fmt: skip
             try:
@@ -199,8 +179,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         failed = False
         return result
     finally:
-        if saver is not None:
-            saver.close()  # after a failure: no write left running while the process group goes
+        checkpointer.close()  # after a failure: no write left running while the process group goes
         logger.close(exit_code=1 if failed else 0)
 
 
@@ -335,8 +314,7 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
             interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
         eval_due = ((t.eval_every and step % t.eval_every == 0) or step == end_step) and stop_signal is None
-        checkpoint_due = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        checkpoint_due = checkpoint_due or step == end_step or stop_signal is not None
+        checkpoint_due = run.checkpointer.due(step, end_step, stop_signal is not None)
         if (eval_due or checkpoint_due) and device.type == "cuda":
             torch.cuda.synchronize(device)  # the step's queued kernels are training time, not pause
         pause_start = time.perf_counter()  # evaluation and saving do not count as training time
@@ -355,7 +333,7 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
             weights_ok = torch.stack([local_shard(p.detach()).isfinite().all() for p in params]).all()
             summed_losses(weights_ok, step)  # never let a NaN model replace the last good checkpoint
             save_start = time.perf_counter()
-            result.checkpoint = run.save(step, step == end_step or stop_signal is not None)
+            result.checkpoint = run.checkpointer.save(step, step == end_step or stop_signal is not None)
             logger.log(step, {"checkpoint_stall_s": time.perf_counter() - save_start})  # what training waited
         interval_start += time.perf_counter() - pause_start
         result.step = step
