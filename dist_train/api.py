@@ -28,18 +28,21 @@ def fit(
     train_data: Dataset | None = None,
     val_data: Dataset | None = None,
     loss: LossFn | None = None,
+    callbacks: list[Any] = (),
 ):
     """Train (or resume) a run, in this process as one rank of torchrun's group or alone.
 
-    `config` is a YAML path, a mapping of the same sections, or a Config; `overrides` are
-    `key=value` strings as on the command line. Objects win over the names in the config:
-    `model` over model.name (every rank builds its own; rank 0's weights are given to all),
-    `train_data`/`val_data` (map-style datasets, both or neither) over data.dataset, and
-    `loss(outputs, targets) -> mean over the batch` over train.loss. Checkpoints and resume
-    behave exactly as from the CLI: the same call continues a stopped run.
+        `config` is a YAML path, a mapping of the same sections, or a Config; `overrides` are
+        `key=value` strings as on the command line. Objects win over the names in the config:
+        `model` over model.name (every rank builds its own; rank 0's weights are given to all),
+        `train_data`/`val_data` (map-style datasets, both or neither) over data.dataset, and
+        `loss(outputs, targets) -> mean over the batch` over train.loss. `callbacks` are the user's
+    components (any of the hooks in dist_train.components.Component), called after the config's
+    `callbacks`, their `state_dict()` checkpointed. Checkpoints and resume
+        behave exactly as from the CLI: the same call continues a stopped run.
 
-    Returns a TrainResult (final step, last validation metrics, checkpoint). Mistakes in what
-    was asked raise dist_train.config.UserError with a one-line message.
+        Returns a TrainResult (final step, last validation metrics, checkpoint). Mistakes in what
+        was asked raise dist_train.config.UserError with a one-line message.
     """
     from dist_train.run import UserParts
     from dist_train.trainer import train
@@ -58,4 +61,4 @@ def fit(
         raise ConfigError(f"dist_train.fit: model must be a torch.nn.Module, got {type(model).__name__}")
     if loss is not None and not callable(loss):
         raise ConfigError(f"dist_train.fit: loss must be callable as loss(outputs, targets), got {loss!r}")
-    return train(cfg, UserParts(model=model, datasets=datasets, loss=loss))
+    return train(cfg, UserParts(model=model, datasets=datasets, loss=loss, callbacks=list(callbacks)))

@@ -92,7 +92,8 @@ class Checkpointer:
         checkpoint.load_model_and_optimizer(path, self.model, self.optimizer)
         keep_kernel_choice(self.optimizer, fused)
         for name, part in self.stateful.items():
-            part.load_state_dict(state[name])
+            if name in state or not getattr(part, "missing_ok", False):
+                part.load_state_dict(state[name])
         if same_ranks:
             checkpoint.set_rng_state(checkpoint.load_rng_state(path, self.env.rank))
         else:

@@ -173,6 +173,16 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStopConfig:
+    metric: str | None = setting(
+        None, "end the run when this validation metric (`val_loss`, `val_acc`, ...) stops improving (null: off)"
+    )
+    mode: Literal["min", "max"] = setting("min", "`min`: lower is better (losses); `max`: higher is (accuracy)")
+    patience: int = setting(5, "evaluations in a row without improvement before the run stops")
+    min_delta: float = setting(0.0, "an improvement must beat the best value by more than this")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     max_steps: int | None = setting(None, "optimizer steps; with `train.max_epochs`, whichever ends first")
     max_epochs: int | None = setting(None, "epochs; with `train.max_steps`, whichever ends first")
@@ -258,6 +268,7 @@ class TrainConfig:
         "Python's automatic garbage collection is off in the loop; every rank collects the young "
         "generation at these steps (0: automatic)",
     )
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass(frozen=True)
@@ -364,6 +375,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    callbacks: list[dict[str, Any]] = setting(
+        [], "users' own components: `[{target: package.module:Class, ...keyword arguments}]`, called in order"
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -635,6 +649,16 @@ FLOAT32_MAX = 3.4028234663852886e38
 DATASETS = ("digits", "image_folder", "cifar10", "mnist", "synthetic", "text", "tokens")
 LOSSES = ("cross_entropy", "bce_with_logits", "mse", "l1", "model")
 METRICS = ("accuracy", "top5", "precision", "recall", "f1", "confusion", "mae", "mse")
+# train.metrics names and what evaluation logs for each; `confusion` logs nothing: it is files.
+LOGGED_METRICS = {
+    "accuracy": "val_acc",
+    "top5": "val_top5",
+    "precision": "val_precision",
+    "recall": "val_recall",
+    "f1": "val_f1",
+    "mae": "val_mae",
+    "mse": "val_mse",
+}
 
 
 def is_import_path(name: str) -> bool:
@@ -809,6 +833,21 @@ def validate(cfg: Config) -> None:
         f"must be > 0, got {cfg.parallel.collective_timeout_s}",
     )
     require(t.gc_every_steps >= 0, "train.gc_every_steps", f"must be >= 0, got {t.gc_every_steps}")
+    stop = t.early_stop
+    require(
+        stop.metric is None or stop.metric in ("val_loss", *LOGGED_METRICS.values()),
+        "train.early_stop.metric",
+        f"must be val_loss or one of {', '.join(LOGGED_METRICS.values())}; got {stop.metric!r}",
+    )
+    require(stop.patience >= 1, "train.early_stop.patience", f"must be >= 1, got {stop.patience}")
+    require(stop.min_delta >= 0, "train.early_stop.min_delta", f"must be >= 0, got {stop.min_delta}")
+    for index, spec in enumerate(cfg.callbacks):
+        target = spec.get("target")
+        require(
+            isinstance(target, str) and is_import_path(target),
+            f"callbacks[{index}].target",
+            f"must name a class as 'package.module:Class'; got {target!r}",
+        )
     require(
         not (t.deterministic and t.cudnn_benchmark is True),
         "train.cudnn_benchmark",

@@ -23,21 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist_train.config import LOGGED_METRICS as LOGGED
 from dist_train.config import ConfigError
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
 
-# train.metrics names and what evaluation logs for each; `confusion` logs nothing: it is files.
-LOGGED = {
-    "accuracy": "val_acc",
-    "top5": "val_top5",
-    "precision": "val_precision",
-    "recall": "val_recall",
-    "f1": "val_f1",
-    "mae": "val_mae",
-    "mse": "val_mse",
-}
 REGRESSION = ("mae", "mse")
 # Past this many classes the confusion matrix is left out of the defaults: ImageNet's would be a
 # million cells written at every evaluation. Named in train.metrics it is made at any size.

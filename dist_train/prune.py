@@ -1,4 +1,4 @@
-"""`dist-train prune`'s report: a pruned run (prune.*, whose masks live in sparsity.py) against
+"""`dist-train prune`'s report: a pruned run (prune.*, whose masks live in components/sparsity.py) against
 the checkpoint it started from, both exported and measured on the CPU (compress_report)."""
 
 from __future__ import annotations

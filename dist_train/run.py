@@ -8,6 +8,7 @@ import contextlib
 import time
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from dist_train import finetune
 from dist_train.checkpointer import Checkpointer
+from dist_train.components import Components
 from dist_train.config import Config
 from dist_train.data import DataPipeline, Datasets
 from dist_train.distributed import DistEnv, broadcast_module, use_channels_last
@@ -24,7 +26,6 @@ from dist_train.optim import build_optimizer, check_fused, use_fused
 from dist_train.parallel import Strategy, prepare_blocks
 from dist_train.preemption import StopRequest
 from dist_train.process_settings import ScheduledGC
-from dist_train.sparsity import NoSparsity, Sparsity
 from dist_train.tasks import LossFn, Task
 
 
@@ -35,6 +36,7 @@ class UserParts:
     model: nn.Module | None = None
     datasets: Datasets | None = None
     loss: LossFn | None = None
+    callbacks: list[Any] = field(default_factory=list)  # the user's components, after the config's
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Run:
     checkpointer: Checkpointer | None  # None: a tool that trains without checkpoints (find-lr)
     stop: StopRequest | None
     channels_last: bool = False  # inputs go to the device in the layout the model was given
-    sparsity: NoSparsity | Sparsity = field(default_factory=NoSparsity)  # masks kept after each step
+    components: Components = field(default_factory=Components)  # hooked into the loop (components/)
     scheduled_gc: ScheduledGC = field(default_factory=lambda: ScheduledGC(0))  # collections at agreed steps
 
     def train_mode(self) -> None:

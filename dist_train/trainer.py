@@ -23,6 +23,7 @@ from torch import nn
 
 from dist_train import checkpoint
 from dist_train.checkpointer import Checkpointer, SchedulePosition
+from dist_train.components import build_components
 from dist_train.config import Config, UserError, check_device, dump_yaml, resolve_auto, to_dict
 from dist_train.data import build_pipeline
 from dist_train.data.loader import load_datasets
@@ -59,7 +60,6 @@ from dist_train.process_settings import (
     set_cuda_math,
 )
 from dist_train.run import Run, UserParts, build_trainable, forward_backward
-from dist_train.sparsity import build_sparsity
 from dist_train.tasks import Task, build_task
 
 
@@ -73,6 +73,7 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     stopped_by: str | None = None  # the signal that ended the run early, after a checkpoint
+    early_stop: str | None = None  # why a component (train.early_stop) ended the run, after a checkpoint
 
 
 def train(cfg: Config, parts: UserParts | None = None) -> TrainResult:
@@ -107,12 +108,16 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
     seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout) from here on
 
+    # Built before a resume restores their state; prune.sparsity's masks wait for on_start.
+    components = build_components(cfg, strategy.unwrap(model), start_step, last_step, parts.callbacks)
     wandb_run_id = broadcast_object(new_wandb_run_id() if resume is None else resume.state["wandb_run_id"])
     # A checkpoint holds model and optimizer (DCP), these parts' states under their names (saved
     # and restored from this one declaration), and what it records about the run.
     checkpointer = Checkpointer(
         cfg.checkpoint, checkpoint_root, env, model, optimizer,
-        stateful={"scheduler": SchedulePosition(scheduler), "scaler": scaler, "data": data.train},
+        stateful={
+            "scheduler": SchedulePosition(scheduler), "scaler": scaler, "data": data.train, "components": components,
+        },
         record={
             "wandb_run_id": wandb_run_id,
             "config": to_dict(cfg),  # as the user wrote it
@@ -123,7 +128,6 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     )  # fmt: skip
     if resume is not None:
         checkpointer.restore(resume.path, resume.state, fused, not plan.world_changed, cfg.run.seed)
-    sparsity = build_sparsity(cfg, strategy.unwrap(model), start_step, last_step)  # weights final by now
 
     def open_run_dir() -> RunLogger:
         _make_dir(run_dir)  # only now: a failed start leaves nothing behind
@@ -141,7 +145,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     try:
         for line in plan.describe():
             logger.message(line)
-        for line in trainable.notes + sparsity.notes:
+        for line in trainable.notes + components.notes:
             logger.message(line)
         settings = [strategy.name, cfg.train.precision]
         settings += ["channels_last"] if channels_last else []
@@ -161,7 +165,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         with stop, ScheduledGC(cfg.train.gc_every_steps) as gc:
             run = Run(
                 cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, checkpointer, stop,
-                channels_last=channels_last, sparsity=sparsity, scheduled_gc=gc,
+                channels_last=channels_last, components=components, scheduled_gc=gc,
             )  # fmt: skip
             try:
                 result = _fit(run, plan)
@@ -169,7 +173,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
                 if not (env.is_distributed and is_timeout(exc)):
                     raise
                 raise _timeout_error(exc, cfg.parallel.collective_timeout_s, stop.group) from None
-        if result.step == last_step > start_step:  # this invocation trained the run's last step
+        if result.step == last_step > start_step or result.early_stop:  # the run is done
             batch = plan.batch  # as it ran: data.batch_size=auto and train.global_batch resolved
             shape = {"world_size": batch.world_size, "micro_batch": batch.micro, "grad_accum_steps": batch.accum}
             logger.finished({**shape, "global_batch": batch.global_batch})
@@ -213,8 +217,10 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     start_step, end_step = plan.start_step, plan.end_step
     result = TrainResult(step=start_step)
-    if start_step >= end_step:
-        logger.message(f"nothing to do: the run is at step {start_step}, this invocation ends at {end_step}")
+    run.components.on_start(run)
+    if start_step >= end_step or run.components.stop_reason():
+        done = run.components.stop_reason() or f"the run is at step {start_step}, this invocation ends at {end_step}"
+        logger.message(f"nothing to do: {done}")
         return result
 
     tokens_per_sample = data.spec.input_shape[0] if len(data.spec.input_shape) == 1 else 0
@@ -273,7 +279,7 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
         scaler.update()
         strategy.zero_grad(optimizer)
         scheduler.step()  # once per optimizer step, never per micro-batch
-        run.sparsity.after_step(step)  # pruned weights back to zero (a no-op unless prune.sparsity)
+        run.components.after_step(run, step)  # prune.sparsity's masks, users' callbacks
         run.scheduled_gc.after_step(step)  # every rank collects at the same steps
         steps_in_interval += 1
 
@@ -327,13 +333,21 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
             )
             logger.log(step, result.eval_metrics)
             run.train_mode()
+            # Components see the run's own schedule only, not the extra evaluation at an
+            # invocation's end (train.stop_at_step): decisions must not depend on where it resumed.
+            if (t.eval_every and step % t.eval_every == 0) or step == plan.last_step:
+                run.components.after_eval(run, step, result.eval_metrics)
+                result.early_stop = _agreed_stop(run.components.stop_reason(), env)
+                checkpoint_due = checkpoint_due or result.early_stop is not None
 
         if checkpoint_due:
             # A finite loss can still come with an update that made the weights non-finite.
             weights_ok = torch.stack([local_shard(p.detach()).isfinite().all() for p in params]).all()
             summed_losses(weights_ok, step)  # never let a NaN model replace the last good checkpoint
+            run.components.before_save(run, step)
             save_start = time.perf_counter()
-            result.checkpoint = run.checkpointer.save(step, step == end_step or stop_signal is not None)
+            final = step == end_step or stop_signal is not None or result.early_stop is not None
+            result.checkpoint = run.checkpointer.save(step, final)
             logger.log(step, {"checkpoint_stall_s": time.perf_counter() - save_start})  # what training waited
         interval_start += time.perf_counter() - pause_start
         result.step = step
@@ -341,7 +355,20 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
             logger.message(f"stopped at step {step} on {stop_signal}, checkpoint saved; the same command continues")
             result.stopped_by = stop_signal
             break
+        if result.early_stop is not None:
+            logger.message(f"{result.early_stop}; checkpoint saved")
+            break
+    run.components.at_end(run, result.step)
     return result
+
+
+def _agreed_stop(reason: str | None, env: DistEnv) -> str | None:
+    """A component's stop, agreed by every rank (a user's callback may answer on one rank only):
+    one small all-reduce per evaluation."""
+    if not env.is_distributed:
+        return reason
+    anyone = all_reduce_max(torch.tensor(int(reason is not None), device=env.device)).item()
+    return (reason or "a component on another rank asked the run to stop") if anyone else None
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -14,32 +14,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_train.components.base import Component
 from dist_train.config import Config, ConfigError, PruneConfig
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-class NoSparsity:
-    """The default: every weight may move."""
+class Sparsity(Component):
+    """Masks over `weights` (DTensor shards under FSDP: each rank masks the shard it holds).
+    A component with no state of its own: the weights' zeros are its state."""
 
-    notes: list[str] = []
-
-    def after_step(self, step: int) -> None:
-        pass
-
-
-class Sparsity:
-    """Masks over `weights` (DTensor shards under FSDP: each rank masks the shard it holds)."""
+    name = "sparsity"
 
     def __init__(self, weights: list[nn.Parameter], cfg: PruneConfig, start_step: int, last_step: int) -> None:
         self.weights, self.cfg = weights, cfg
         self.end_step = cfg.end_step or last_step
+        self.start_step = start_step
         self.total = sum(w.numel() for w in weights)  # a DTensor's numel is the whole tensor's
-        # What the weights' zeros say: the masks as a checkpoint left them (all ones at a fresh start).
-        self.masks = [w.detach() != 0 for w in weights]
-        # A checkpoint was saved after its step's masks were applied: nothing to recompute then.
-        self.pruned = self.target(start_step) if start_step > 0 else None
-        self.after_step(start_step)
         schedule = (
             "at once"
             if cfg.schedule == "oneshot"
@@ -58,10 +49,21 @@ class Sparsity:
             fraction *= 1 - (1 - progress) ** 3
         return round(fraction * self.total)
 
+    def on_start(self, run) -> None:
+        """Once the weights are final (init_from or a checkpoint): the masks their zeros say (all
+        ones at a fresh start). A checkpoint was saved after its step's masks were applied:
+        nothing to recompute then."""
+        self.masks = [w.detach() != 0 for w in self.weights]
+        self.pruned = self.target(self.start_step) if self.start_step > 0 else None
+        self.apply(self.start_step)
+
+    def after_step(self, run, step: int) -> None:
+        self.apply(step)
+
     @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """Called once after each optimizer step: raise the sparsity when the schedule says so,
-        then zero the pruned weights again (the update moved them: momentum, weight decay)."""
+    def apply(self, step: int) -> None:
+        """Raise the sparsity when the schedule says so, then zero the pruned weights again
+        (each optimizer step moves them: momentum, weight decay)."""
         pruned = self.target(step)
         if pruned != self.pruned:
             self._prune(pruned)
@@ -103,11 +105,11 @@ def prunable_weights(model: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
-def build_sparsity(cfg: Config, model: nn.Module, start_step: int, last_step: int) -> NoSparsity | Sparsity:
-    """The run's masks, on every rank, once its weights are final (init_from or a checkpoint)."""
+def build_sparsity(cfg: Config, model: nn.Module, start_step: int, last_step: int) -> list[Sparsity]:
+    """prune.sparsity's component (none when it is off); its masks are made at on_start."""
     if cfg.prune.sparsity is None:
-        return NoSparsity()
+        return []
     weights = prunable_weights(model)
     if not weights:
         raise ConfigError(f"prune.sparsity: model {cfg.model.name} has no Linear or Conv layer weights to prune")
-    return Sparsity(weights, cfg.prune, start_step, last_step)
+    return [Sparsity(weights, cfg.prune, start_step, last_step)]

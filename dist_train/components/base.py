@@ -1,0 +1,114 @@
+"""The component protocol: a feature that hooks into the training loop at a few fixed points
+and keeps its state in the checkpoint, so the loop never grows a branch for it.
+
+The hooks, in the order a step meets them (each gets the Run: model, optimizer, logger...):
+
+    on_start(run)                    once, after a resume restored every component's state
+    after_step(run, step)            after each optimizer step (and its LR-schedule step)
+    after_eval(run, step, metrics)   after each scheduled evaluation (train.eval_every, the last
+                                     step), metrics as logged, the same on every rank
+    before_save(run, step)           before each checkpoint is written
+    at_end(run, step)                once, after the invocation's last step and save
+
+`stop_reason()` is asked after each evaluation: a component that wants the run to end returns
+one line saying why (every rank must answer the same; built-ins decide from all-reduced
+metrics). `state_dict()`/`load_state_dict()` go into every checkpoint under the component's
+name, so a resumed run continues each component where it was.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dist_train.config import UserError
+
+if TYPE_CHECKING:
+    from dist_train.run import Run
+
+
+class Component:
+    """Every hook a no-op: a component overrides the ones it needs."""
+
+    name: str = "component"  # its entry in a checkpoint's train state
+    notes: list[str] = []  # what it will do, logged once at the start
+
+    def on_start(self, run: Run) -> None:
+        pass
+
+    def after_step(self, run: Run, step: int) -> None:
+        pass
+
+    def after_eval(self, run: Run, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def before_save(self, run: Run, step: int) -> None:
+        pass
+
+    def at_end(self, run: Run, step: int) -> None:
+        pass
+
+    def stop_reason(self) -> str | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class ComponentError(UserError):
+    """A user's component raised: one line naming it, then the user's own frames."""
+
+
+class Components:
+    """The run's components, called in order. Stateful as one part of the train state: a dict
+    of each component's state under its name. A component the checkpoint has no state for (one
+    turned on at resume) starts fresh; a saved one no longer configured is ignored."""
+
+    missing_ok = True  # a checkpoint from before components were saved restores none of them
+
+    def __init__(self, components: list[Component] = ()) -> None:
+        self.components = list(components)
+        names = [c.name for c in self.components]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise UserError(f"two components share the name {duplicated[0]!r}; each needs its own checkpoint entry")
+
+    def __iter__(self):
+        return iter(self.components)
+
+    @property
+    def notes(self) -> list[str]:
+        return [line for c in self.components for line in c.notes]
+
+    def on_start(self, run: Run) -> None:
+        for c in self.components:
+            c.on_start(run)
+
+    def after_step(self, run: Run, step: int) -> None:
+        for c in self.components:
+            c.after_step(run, step)
+
+    def after_eval(self, run: Run, step: int, metrics: dict[str, float]) -> None:
+        for c in self.components:
+            c.after_eval(run, step, metrics)
+
+    def before_save(self, run: Run, step: int) -> None:
+        for c in self.components:
+            c.before_save(run, step)
+
+    def at_end(self, run: Run, step: int) -> None:
+        for c in self.components:
+            c.at_end(run, step)
+
+    def stop_reason(self) -> str | None:
+        return next((reason for c in self.components if (reason := c.stop_reason())), None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {c.name: c.state_dict() for c in self.components}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for c in self.components:
+            if c.name in state:
+                c.load_state_dict(state[c.name])

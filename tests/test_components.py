@@ -1,0 +1,222 @@
+"""Components hooked into the loop: early stopping, users' callbacks (config and dist_train.fit),
+their checkpointed state across a resume, and agreement between ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REPO, final_model, logged, run_cli, tiny_overrides
+
+from dist_train import checkpoint
+from dist_train.components.early_stop import EarlyStopping
+from dist_train.config import ConfigError, EarlyStopConfig, load_config
+from dist_train.trainer import train
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def _train(tmp_path, name="digits", **overrides):
+    cfg = load_config("configs/digits.yaml", tiny_overrides(tmp_path, **{"run.name": name, **overrides}))
+    return train(cfg)
+
+
+def _hooks(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- early stopping
+
+
+@pytest.mark.unit
+def test_early_stopping_counts_evaluations_without_improvement():
+    stop = EarlyStopping(EarlyStopConfig(metric="val_loss", mode="min", patience=2, min_delta=0.1))
+    for step, value in [(1, 1.0), (2, 0.95), (3, 0.85), (4, 0.8)]:
+        stop.after_eval(None, step, {"val_loss": value})
+    # 0.95 is not 0.1 below 1.0; 0.85 is; 0.8 is not 0.1 below 0.85.
+    assert (stop.best, stop.best_step, stop.evals_without_improvement) == (0.85, 3, 1)
+    assert stop.stop_reason() is None
+    stop.after_eval(None, 5, {"val_loss": math.nan})  # never an improvement
+    assert stop.stopped_at == 5 and "early stop at step 5: val_loss" in stop.stop_reason()
+
+    resumed = EarlyStopping(stop.cfg)
+    resumed.load_state_dict(stop.state_dict())
+    assert resumed.state_dict() == stop.state_dict()
+
+    higher = EarlyStopping(EarlyStopConfig(metric="val_acc", mode="max", patience=1))
+    higher.after_eval(None, 1, {"val_acc": 0.5})
+    higher.after_eval(None, 2, {"val_acc": 0.6})
+    assert higher.stopped_at is None
+    higher.after_eval(None, 3, {"val_acc": 0.6})  # equal is not better
+    assert higher.stopped_at == 3
+
+
+@pytest.mark.unit
+def test_an_unknown_metric_is_named_at_the_first_evaluation():
+    stop = EarlyStopping(EarlyStopConfig(metric="val_f1"))
+    with pytest.raises(Exception, match=r"train.early_stop.metric=val_f1 is not among .*val_loss, val_acc"):
+        stop.after_eval(None, 1, {"val_loss": 1.0, "val_acc": 0.5})
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.early_stop.metric=val_los", "train.early_stop.metric must be val_loss or one of val_acc"),
+        ("train.early_stop.patience=0", "train.early_stop.patience must be >= 1, got 0"),
+        ("train.early_stop.min_delta=-1", "train.early_stop.min_delta must be >= 0"),
+        ("callbacks=[{kwargs: 1}]", "callbacks[0].target must name a class as 'package.module:Class'; got None"),
+        ("callbacks=[{target: nodots}]", "callbacks[0].target must name a class"),
+    ],
+)
+def test_component_settings_are_checked_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config("configs/digits.yaml", ["train.early_stop.metric=val_loss", override])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.system
+def test_early_stop_saves_ends_and_a_rerun_trains_nothing_more(tmp_path):
+    # min_delta 100: nothing improves on the first evaluation (step 2), so steps 4 and 6 use the patience.
+    stop = {"train.early_stop.metric": "val_loss", "train.early_stop.patience": 2, "train.early_stop.min_delta": 100}
+    common = {"train.max_steps": 40, "train.eval_every": 2, "checkpoint.every_steps": 0, **stop}
+    result = _train(tmp_path, **common)
+    assert result.step == 6 and result.checkpoint.name == "step_00000006"
+    assert result.early_stop.startswith("early stop at step 6: val_loss did not improve")
+    assert checkpoint.load_train_state(result.checkpoint)["components"]["early_stop"]["stopped_at"] == 6
+
+    again = _train(tmp_path, **common)  # resume: auto finds the stopped run
+    assert again.step == 6 and again.checkpoint is None
+    assert [c.name for c in checkpoint.list_checkpoints(tmp_path / "runs" / "digits" / "checkpoints")] == [
+        "step_00000006"
+    ]
+
+
+@pytest.mark.system
+def test_resume_mid_patience_with_sparsity_and_a_callback_is_bitwise(tmp_path):
+    """Early stop (evaluations at 3, 6, 9, 12: the first is the best, the run stops at 12),
+    gradual pruning and a stateful user callback all on; interrupted at step 7, one evaluation
+    into the patience, and resumed: the same stop step, the same weights bit for bit, and the
+    callback's count continues."""
+    common = {
+        "train.max_steps": 30,
+        "train.eval_every": 3,
+        "checkpoint.every_steps": 0,
+        "train.early_stop.metric": "val_loss",
+        "train.early_stop.patience": 3,
+        "train.early_stop.min_delta": 100,
+        "prune.sparsity": 0.5,
+        "prune.schedule": "gradual",
+        "prune.end_step": 10,
+    }
+
+    def run(name, **extra):
+        hook_file = tmp_path / f"{name}.jsonl"
+        callbacks = f'[{{target: "tests.user_callbacks:HookLog", path: "{hook_file}"}}]'
+        return _train(tmp_path, name, callbacks=callbacks, **common, **extra), hook_file
+
+    straight, straight_hooks = run("straight")
+    first, split_hooks = run("split", **{"train.stop_at_step": 7})
+    assert first.step == 7 and first.early_stop is None
+    state = checkpoint.load_train_state(first.checkpoint)["components"]
+    assert state["early_stop"]["evals_without_improvement"] == 1
+    assert state["callbacks[0]:tests.user_callbacks:HookLog"] == {"steps_seen": 7}
+    resumed, _ = run("split")
+
+    assert straight.step == resumed.step == 12 and straight.early_stop == resumed.early_stop
+    a, b = final_model(tmp_path, "straight"), final_model(tmp_path, "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert 0.45 < sum(int((t == 0).sum()) for t in a.values()) / sum(t.numel() for t in a.values())
+    ends = [r for r in _hooks(split_hooks) if r["hook"] in ("on_start", "at_end")]
+    assert ends == [
+        {"hook": "on_start", "steps_seen": 0},
+        {"hook": "at_end", "step": 7, "steps_seen": 7},
+        {"hook": "on_start", "steps_seen": 7},
+        {"hook": "at_end", "step": 12, "steps_seen": 12},
+    ]
+    assert _hooks(straight_hooks)[-1] == {"hook": "at_end", "step": 12, "steps_seen": 12}
+
+
+# --------------------------------------------------------------------------- users' callbacks
+
+
+@pytest.mark.system
+def test_fit_calls_a_callback_object_at_each_hook(tmp_path):
+    import dist_train
+    from tests.user_callbacks import HookLog
+
+    hook_file = tmp_path / "hooks.jsonl"
+    overrides = tiny_overrides(tmp_path, **{"train.max_steps": 6, "train.eval_every": 4, "checkpoint.every_steps": 3})
+    dist_train.fit("configs/digits.yaml", overrides, callbacks=[HookLog(str(hook_file), every=2)])
+    calls = [(r["hook"], r.get("step")) for r in _hooks(hook_file)]
+    assert calls == [
+        ("on_start", None),
+        ("before_save", 3),
+        ("after_eval", 4),
+        ("after_eval", 6),
+        ("before_save", 6),
+        ("at_end", 6),
+    ]
+    assert logged(tmp_path / "runs" / "digits", "callback_steps_seen") == {2: 2, 4: 4, 6: 6}
+
+
+@pytest.mark.system
+def test_a_failing_callback_is_one_line_naming_it_then_its_own_frames(tmp_path):
+    callbacks = '[{target: "tests.user_callbacks:FailsAt", step: 2}]'
+    proc = run_cli("train", "configs/digits.yaml", *tiny_overrides(tmp_path, callbacks=callbacks), cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    head = "error: callbacks[0]:tests.user_callbacks:FailsAt raised in after_step at step 2: ValueError: the user's bug"
+    assert lines[0].startswith(head), proc.stderr[-2000:]
+    frames = "\n".join(lines[1:])
+    assert "user_callbacks.py" in frames and "_users_helper" in frames
+    assert "dist_train/" not in frames  # the user's frames, not ours
+    assert proc.stderr.count("error:") == 1
+
+
+@pytest.mark.system
+def test_a_callback_class_that_cannot_be_built_is_named(tmp_path):
+    callbacks = '[{target: "tests.user_callbacks:FailsAt", stepp: 2}]'
+    proc = run_cli("train", "configs/digits.yaml", *tiny_overrides(tmp_path, callbacks=callbacks), cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: callbacks[0]: tests.user_callbacks:FailsAt(**{'stepp': 2}) failed: TypeError")
+    assert not (tmp_path / "runs").exists()  # refused before the run directory was made
+
+
+@pytest.mark.multiprocess
+def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    callbacks = '[{target: "tests.user_callbacks:StopsOnOneRank", rank: 1}]'
+    overrides = tiny_overrides(tmp_path, callbacks=callbacks, **{"train.max_steps": 20, "train.eval_every": 4})
+    proc = run_cli("launch", "configs/digits.yaml", "--nproc-per-node", "2", *overrides, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a component on another rank asked the run to stop; checkpoint saved" in proc.stdout + proc.stderr
+    checkpoints = checkpoint.list_checkpoints(tmp_path / "runs" / "digits" / "checkpoints")
+    assert checkpoints[-1].name == "step_00000004"
+
+
+@pytest.mark.system
+def test_the_callbacks_example_stops_at_its_accuracy_and_stays_stopped(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    command = [sys.executable, "examples/callbacks.py", f"run.output_dir={tmp_path}", "train.max_steps=600"]
+    proc = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "callbacks"
+    accuracy = logged(run_dir, "val_acc")
+    stopped = next(step for step, value in accuracy.items() if value >= 0.9)  # the first evaluation there
+    assert f"val_acc reached 0.9 at step {stopped}; checkpoint saved" in proc.stdout
+    assert max(accuracy) == stopped < 600
+    norms, running_max = logged(run_dir, "weight_norm"), logged(run_dir, "max_weight_norm")
+    assert list(norms) == list(range(10, stopped + 1, 10))
+    assert all(running_max[s] == max(v for t, v in norms.items() if t <= s) for s in norms)
+
+    again = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"nothing to do: val_acc reached 0.9 at step {stopped}" in again.stdout
