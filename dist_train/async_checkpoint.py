@@ -43,6 +43,7 @@ class _InFlight:
     checkpoint_root: Path
     step: int
     keep_last: int
+    also_keep: frozenset[int]
     hashed: Future  # this rank's write, then the manifest entries (hashed over the checkpoint group)
     stager: Any = None  # this save's own stager, closed once it is written (where one cannot be reused)
 
@@ -79,6 +80,7 @@ class AsyncCheckpointer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         keep_last: int,
+        also_keep: frozenset[int] = frozenset(),
     ) -> Path:
         """Collective. Finishes the previous save, stages this one and starts writing it;
         returns where the checkpoint will be once the next boundary finishes it."""
@@ -88,7 +90,7 @@ class AsyncCheckpointer:
         if self.fits is None:
             self.fits = self._fits_in_host_memory(state)
         if not self.fits:
-            return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, self.env, keep_last)
+            return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, self.env, keep_last, also_keep)
         partial = checkpoint.begin(checkpoint_root, step, self.env)
         checkpoint.write_small_files(partial, train_state, self.env)  # small, and taken at this step
         own_stager = None if self.stager is not None else _pinned_stager()
@@ -101,7 +103,7 @@ class AsyncCheckpointer:
                 state, checkpoint_id=partial / checkpoint.MODEL_OPTIM, process_group=self.group, **kwargs
             )
         hashed = self.background.submit(self._finish_in_background, written, partial, step)
-        self.in_flight = _InFlight(checkpoint_root, step, keep_last, hashed, own_stager)
+        self.in_flight = _InFlight(checkpoint_root, step, keep_last, also_keep, hashed, own_stager)
         return checkpoint.step_dir(checkpoint_root, step)
 
     def _finish_in_background(self, written: Future, partial: Path, step: int) -> dict[str, Any]:
@@ -136,7 +138,8 @@ class AsyncCheckpointer:
                 f"the background write of checkpoint step {flight.step} failed ({errors[0]}); "
                 f"{partial} is incomplete and never resumed from"
             )
-        return checkpoint.finish(flight.checkpoint_root, flight.step, self.env, flight.keep_last, files)
+        root, step = flight.checkpoint_root, flight.step
+        return checkpoint.finish(root, step, self.env, flight.keep_last, files, also_keep=flight.also_keep)
 
     def close(self) -> None:
         """Not collective (also on an error path): wait for the write in flight without making

@@ -117,15 +117,17 @@ def save(
     optimizer: torch.optim.Optimizer,
     env: DistEnv,
     keep_last: int,
+    also_keep: frozenset[int] = frozenset(),
 ) -> Path:
     """Collective: every rank calls it. All ranks write model and optimizer shards through DCP
-    and their RNG; rank 0 writes the train state and the manifest, then renames."""
+    and their RNG; rank 0 writes the train state and the manifest, then renames. Older
+    checkpoints beyond the newest `keep_last` are deleted unless their step is in `also_keep`."""
     partial = begin(checkpoint_root, step, env)
     model_state, optim_state = get_state_dict(model, optimizer)  # sharded under FSDP, full otherwise
     with quiet_dcp():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial / MODEL_OPTIM)
     write_small_files(partial, train_state, env)
-    return finish(checkpoint_root, step, env, keep_last)
+    return finish(checkpoint_root, step, env, keep_last, also_keep=also_keep)
 
 
 def partial_dir(checkpoint_root: Path, step: int) -> Path:
@@ -151,9 +153,17 @@ def write_small_files(partial: Path, train_state: dict[str, Any], env: DistEnv) 
         _write_durably(partial / TRAIN_STATE, lambda f: torch.save(train_state, f))
 
 
-def finish(checkpoint_root: Path, step: int, env: DistEnv, keep_last: int, files: dict[str, Any] | None = None) -> Path:
+def finish(
+    checkpoint_root: Path,
+    step: int,
+    env: DistEnv,
+    keep_last: int,
+    files: dict[str, Any] | None = None,
+    also_keep: frozenset[int] = frozenset(),
+) -> Path:
     """Collective, once every rank's files are in step_N.partial/: the manifest last, then the
-    rename that makes the checkpoint visible to resume, then the oldest ones beyond keep_last go.
+    rename that makes the checkpoint visible to resume, then the oldest ones beyond keep_last go
+    (but for the steps in `also_keep`, checkpoint.keep_best's).
     `files`: the manifest's entries when already hashed (an asynchronous save hashes in the background)."""
     final, partial = step_dir(checkpoint_root, step), partial_dir(checkpoint_root, step)
     if files is None:
@@ -174,7 +184,8 @@ def finish(checkpoint_root: Path, step: int, env: DistEnv, keep_last: int, files
             os.replace(partial, final)
         _fsync_dir(checkpoint_root)
         for old in list_checkpoints(checkpoint_root)[:-keep_last]:
-            shutil.rmtree(old)
+            if step_of(old) not in also_keep:
+                shutil.rmtree(old)
     barrier()
     return final
 
@@ -212,7 +223,12 @@ def list_checkpoints(checkpoint_root: Path) -> list[Path]:
     if not checkpoint_root.is_dir():
         return []
     found = [p for p in checkpoint_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def step_of(checkpoint_dir: Path) -> int:
+    """The step a checkpoint directory (step_00000042) holds."""
+    return int(STEP_DIR.match(checkpoint_dir.name).group(1))
 
 
 def verify(path: Path) -> None:
@@ -292,7 +308,7 @@ def set_aside_newer(checkpoint_root: Path, step: int) -> list[Path]:
     """Rename checkpoints newer than `step` to step_N.abandoned[.K]; returns the new paths."""
     moved = []
     for path in list_checkpoints(checkpoint_root):
-        if int(STEP_DIR.match(path.name).group(1)) > step:
+        if step_of(path) > step:
             target, k = path.with_name(path.name + ".abandoned"), 1
             while target.exists():
                 target, k = path.with_name(f"{path.name}.abandoned.{k}"), k + 1

@@ -116,7 +116,7 @@ def _run_eval(
 
     def locate() -> tuple[Path, int, Path]:
         source = weights_checkpoint(run_dir, step)  # verified against its manifest
-        found = int(checkpoint.STEP_DIR.match(source.name).group(1))
+        found = checkpoint.step_of(source)
         return source, found, _out_dir(run_dir, out, split, found)
 
     source, found_step, out_dir = on_rank0(env, locate)  # one rank hashes the checkpoint

@@ -65,6 +65,12 @@ class Checkpointer:
         self.model, self.optimizer = model, optimizer
         self.stateful, self.record = stateful, record
         self.saver: AsyncCheckpointer | None = None
+        self.keepers: list[Callable[[], frozenset[int]]] = []
+
+    def keep_also(self, steps: Callable[[], frozenset[int]]) -> None:
+        """Checkpoints whose step `steps()` names at a save are kept beyond checkpoint.keep_last
+        (checkpoint.keep_best's)."""
+        self.keepers.append(steps)
 
     def start(self, timeout_s: float, message: Callable[[str], None]) -> None:
         """Collective, once the run is set up: checkpoint.async_save's writer and its own group."""
@@ -79,11 +85,12 @@ class Checkpointer:
         """Collective. `final`: the invocation's last save, written before this returns."""
         state = {"step": step, **{name: part.state_dict() for name, part in self.stateful.items()}, **self.record}
         args = (self.root, step, state, self.model, self.optimizer)
+        also_keep = frozenset().union(*(steps() for steps in self.keepers))
         if self.saver is not None and not final:
-            return self.saver.save(*args, self.cfg.keep_last)
+            return self.saver.save(*args, self.cfg.keep_last, also_keep)
         if self.saver is not None:
             self.saver.drain()
-        return checkpoint.save(*args, self.env, self.cfg.keep_last)
+        return checkpoint.save(*args, self.env, self.cfg.keep_last, also_keep)
 
     def restore(self, path: Path, state: dict[str, Any], fused: bool, same_ranks: bool, seed: int) -> None:
         """Collective. Model and optimizer from DCP (any world size), then every declared part

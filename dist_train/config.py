@@ -310,9 +310,19 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class KeepBestConfig:
+    metric: str | None = setting(
+        None, "also keep the checkpoints with the best values of this validation metric (null: off)"
+    )
+    mode: Literal["min", "max"] = setting("min", "`min`: lower is better (losses); `max`: higher is (accuracy)")
+    k: int = setting(1, "how many best checkpoints are kept, beside the newest `checkpoint.keep_last`")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = setting(100, "save every this many optimizer steps, and at the end (0: only at the end)")
     keep_last: int = setting(3, "checkpoints kept; older ones are deleted after each save")
+    keep_best: KeepBestConfig = field(default_factory=KeepBestConfig)
     resume: str = setting(
         "auto", "`auto` (newest valid), `never` (refuse if checkpoints exist), or a checkpoint directory's path"
     )
@@ -833,11 +843,16 @@ def validate(cfg: Config) -> None:
         f"must be > 0, got {cfg.parallel.collective_timeout_s}",
     )
     require(t.gc_every_steps >= 0, "train.gc_every_steps", f"must be >= 0, got {t.gc_every_steps}")
-    stop = t.early_stop
+    stop, best, logged = t.early_stop, cfg.checkpoint.keep_best, ("val_loss", *LOGGED_METRICS.values())
+    for key, metric in (("train.early_stop.metric", stop.metric), ("checkpoint.keep_best.metric", best.metric)):
+        require(metric is None or metric in logged, key, f"must be one of {', '.join(logged)}; got {metric!r}")
+    require(best.k >= 1, "checkpoint.keep_best.k", f"must be >= 1, got {best.k}")
+    every, eval_every = cfg.checkpoint.every_steps, t.eval_every
     require(
-        stop.metric is None or stop.metric in ("val_loss", *LOGGED_METRICS.values()),
-        "train.early_stop.metric",
-        f"must be val_loss or one of {', '.join(LOGGED_METRICS.values())}; got {stop.metric!r}",
+        best.metric is None or every == 0 or (eval_every > 0 and every % eval_every == 0),
+        "checkpoint.keep_best",
+        f"judges each checkpoint by the evaluation at its step: checkpoint.every_steps ({every}) must be "
+        f"a multiple of train.eval_every ({eval_every})",
     )
     require(stop.patience >= 1, "train.early_stop.patience", f"must be >= 1, got {stop.patience}")
     require(stop.min_delta >= 0, "train.early_stop.min_delta", f"must be >= 0, got {stop.min_delta}")

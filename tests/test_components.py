@@ -67,7 +67,7 @@ def test_an_unknown_metric_is_named_at_the_first_evaluation():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.early_stop.metric=val_los", "train.early_stop.metric must be val_loss or one of val_acc"),
+        ("train.early_stop.metric=val_los", "train.early_stop.metric must be one of val_loss, val_acc"),
         ("train.early_stop.patience=0", "train.early_stop.patience must be >= 1, got 0"),
         ("train.early_stop.min_delta=-1", "train.early_stop.min_delta must be >= 0"),
         ("callbacks=[{kwargs: 1}]", "callbacks[0].target must name a class as 'package.module:Class'; got None"),
@@ -98,15 +98,19 @@ def test_early_stop_saves_ends_and_a_rerun_trains_nothing_more(tmp_path):
 
 
 @pytest.mark.system
-def test_resume_mid_patience_with_sparsity_and_a_callback_is_bitwise(tmp_path):
+def test_resume_mid_patience_with_every_component_on_is_bitwise(tmp_path):
     """Early stop (evaluations at 3, 6, 9, 12: the first is the best, the run stops at 12),
-    gradual pruning and a stateful user callback all on; interrupted at step 7, one evaluation
-    into the patience, and resumed: the same stop step, the same weights bit for bit, and the
+    the best 2 checkpoints by val_loss kept beside the newest, gradual pruning and a stateful
+    user callback all on; interrupted at step 7, one evaluation into the patience, and resumed:
+    the same stop step, the same weights bit for bit, the same checkpoints kept, and the
     callback's count continues."""
     common = {
         "train.max_steps": 30,
         "train.eval_every": 3,
-        "checkpoint.every_steps": 0,
+        "checkpoint.every_steps": 3,
+        "checkpoint.keep_last": 1,
+        "checkpoint.keep_best.metric": "val_loss",
+        "checkpoint.keep_best.k": 2,
         "train.early_stop.metric": "val_loss",
         "train.early_stop.patience": 3,
         "train.early_stop.min_delta": 100,
@@ -140,6 +144,63 @@ def test_resume_mid_patience_with_sparsity_and_a_callback_is_bitwise(tmp_path):
         {"hook": "at_end", "step": 12, "steps_seen": 12},
     ]
     assert _hooks(straight_hooks)[-1] == {"hook": "at_end", "step": 12, "steps_seen": 12}
+
+    val_loss = logged(tmp_path / "runs" / "straight", "val_loss")
+    best_two = sorted(val_loss, key=lambda step: (val_loss[step], step))[:2]
+    for name in ("straight", "split"):
+        kept = checkpoint.list_checkpoints(tmp_path / "runs" / name / "checkpoints")
+        assert {checkpoint.step_of(c) for c in kept} == {12, *best_two}, name
+
+
+# --------------------------------------------------------------------------- best checkpoints
+
+
+class _Recorder:
+    def __init__(self):
+        self.lines, self.keepers = [], []
+
+    def message(self, line):
+        self.lines.append(line)
+
+    def keep_also(self, steps):
+        self.keepers.append(steps)
+
+
+@pytest.mark.unit
+def test_keep_best_ranks_the_checkpoints_saved_at_evaluations():
+    from types import SimpleNamespace
+
+    from dist_train.components.keep_best import KeepBest
+    from dist_train.config import KeepBestConfig
+
+    recorder = _Recorder()
+    run = SimpleNamespace(logger=recorder, checkpointer=recorder)
+    best = KeepBest(KeepBestConfig(metric="val_acc", mode="max", k=2))
+    best.on_start(run)
+    for step, acc in [(2, 0.5), (4, 0.7), (6, 0.6), (8, 0.7), (10, math.nan)]:
+        best.after_eval(run, step, {"val_acc": acc})
+        best.before_save(run, step)
+    best.before_save(run, 11)  # a stop signal's save: no evaluation of its own, not a candidate
+    assert recorder.keepers[0]() == {4, 8}  # 0.7 twice; 0.6 and the NaN are out
+    assert recorder.lines[-1] == "best val_acc: step 4 (0.7), step 8 (0.7)"
+
+    resumed = KeepBest(best.cfg)
+    resumed.load_state_dict(best.state_dict())
+    assert resumed.best_steps() == {4, 8}
+    resumed.after_eval(run, 12, {"val_acc": 0.9})
+    resumed.before_save(run, 12)
+    assert resumed.best_steps() == {12, 4}  # of equals, the earlier stays
+
+
+@pytest.mark.unit
+def test_keep_best_needs_an_evaluation_at_every_checkpoint():
+    with pytest.raises(
+        ConfigError, match=r"checkpoint.every_steps \(10\) must be a multiple of train.eval_every \(4\)"
+    ):
+        load_config(
+            "configs/digits.yaml",
+            ["checkpoint.keep_best.metric=val_loss", "checkpoint.every_steps=10", "train.eval_every=4"],
+        )
 
 
 # --------------------------------------------------------------------------- users' callbacks

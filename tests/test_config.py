@@ -489,7 +489,11 @@ def test_all_keys_lists_every_section_and_leaf():
     assert len(keys) == len(set(keys))
     leaves = _leaves(to_dict(Config()))
     assert set(leaves) <= set(keys)
-    sections = {f.name for f in dataclasses.fields(Config)} | {"logging.wandb", "train.early_stop"}
+    sections = {f.name for f in dataclasses.fields(Config)} | {
+        "logging.wandb",
+        "train.early_stop",
+        "checkpoint.keep_best",
+    }
     assert sections <= set(keys)
     assert set(keys) == set(leaves) | sections
     for key in ("optim.lr", "train.max_steps", "logging.wandb.mode", "checkpoint.resume", "model.kwargs"):
