@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from dist_train import checkpoint
 from dist_train.distributed import DistEnv, all_gather_objects
@@ -81,16 +80,18 @@ class AsyncCheckpointer:
         optimizer: torch.optim.Optimizer,
         keep_last: int,
         also_keep: frozenset[int] = frozenset(),
+        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
         """Collective. Finishes the previous save, stages this one and starts writing it;
         returns where the checkpoint will be once the next boundary finishes it."""
         self.drain()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
+        state = checkpoint.dcp_state(model, optimizer, tensors)
         if self.fits is None:
             self.fits = self._fits_in_host_memory(state)
         if not self.fits:
-            return checkpoint.save(checkpoint_root, step, train_state, model, optimizer, self.env, keep_last, also_keep)
+            return checkpoint.save(
+                checkpoint_root, step, train_state, model, optimizer, self.env, keep_last, also_keep, tensors
+            )
         partial = checkpoint.begin(checkpoint_root, step, self.env)
         checkpoint.write_small_files(partial, train_state, self.env)  # small, and taken at this step
         own_stager = None if self.stager is not None else _pinned_stager()

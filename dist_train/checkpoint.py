@@ -118,16 +118,27 @@ def save(
     env: DistEnv,
     keep_last: int,
     also_keep: frozenset[int] = frozenset(),
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Collective: every rank calls it. All ranks write model and optimizer shards through DCP
     and their RNG; rank 0 writes the train state and the manifest, then renames. Older
-    checkpoints beyond the newest `keep_last` are deleted unless their step is in `also_keep`."""
+    checkpoints beyond the newest `keep_last` are deleted unless their step is in `also_keep`.
+    `tensors`: more sharded state beside the model's, saved through DCP under its own names
+    (train.ema's weights under "ema")."""
     partial = begin(checkpoint_root, step, env)
-    model_state, optim_state = get_state_dict(model, optimizer)  # sharded under FSDP, full otherwise
     with quiet_dcp():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial / MODEL_OPTIM)
+        dcp.save(dcp_state(model, optimizer, tensors), checkpoint_id=partial / MODEL_OPTIM)
     write_small_files(partial, train_state, env)
     return finish(checkpoint_root, step, env, keep_last, also_keep=also_keep)
+
+
+def dcp_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, dict[str, torch.Tensor]] | None = None
+) -> dict[str, Any]:
+    """What DCP writes: the model's and optimizer's state (sharded under FSDP, full otherwise)
+    and any more named tensors."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state, **(tensors or {})}
 
 
 def partial_dir(checkpoint_root: Path, step: int) -> Path:
@@ -341,17 +352,46 @@ def _check_fits(model_state: dict[str, torch.Tensor], saved: dict[str, TensorSto
         raise CheckpointError(f"checkpoint {source} does not fit this model: unexpected parameter {extra[0]}")
 
 
-def load_model_and_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Collective: DCP reads the slices this rank owns, whatever world size wrote them."""
+def load_model_and_optimizer(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> set[str]:
+    """Collective: DCP reads the slices this rank owns, whatever world size wrote them. Each
+    of `tensors` the checkpoint holds is loaded in place; returns the names of those it held."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = _load_dcp(path, {"model": model_state, "optim": optim_state})
+    held = {name for name in tensors or {} if saved_names(path, name)}
+    extra = {name: group for name, group in (tensors or {}).items() if name in held}
+    state = _load_dcp(path, {"model": model_state, "optim": optim_state, **extra})
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return held
 
 
 def load_model(path: Path, model: nn.Module) -> None:
-    """Collective: the model's slices alone, for evaluation (the optimizer state is not read)."""
-    state = _load_dcp(path, {"model": get_model_state_dict(model)})
+    """Collective: the run's weights alone, for evaluation and compression (the optimizer state
+    is not read): the EMA of the parameters where train.ema kept one, else the model's."""
+    model_state = get_model_state_dict(model)
+    state = _load_dcp(path, {"model": model_state})
+    averaged = saved_names(path, EMA)
+    if averaged:  # read into the model's own tensors: buffers stay the model's
+        with quiet_dcp():
+            dcp.load({EMA: {name: state["model"][name] for name in averaged}}, checkpoint_id=path / MODEL_OPTIM)
     set_model_state_dict(model, state["model"])
+
+
+EMA = "ema"  # train.ema's average of the parameters, beside the model in DCP
+
+
+def saved_names(path: Path, group: str) -> list[str]:
+    """The names of the tensors a checkpoint holds under `group` (model, optim, ema)."""
+    return [key.removeprefix(group + ".") for key in _saved_tensors(path) if key.startswith(group + ".")]
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The run's weights, whole, with no process group (export, model.init_from): the model's
+    state with train.ema's average over its parameters where one was kept."""
+    return {**read_full_state(path, "model"), **read_full_state(path, EMA)}
 
 
 def _load_dcp(path: Path, state: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ position, and whatever a component adds). A save writes each part's state under 
 a resume hands each part back the state saved under that name: one list, so a part cannot be
 saved and forgotten on resume. Beside them `record` holds what a checkpoint says about its run
 (the config as written, the plan, the W&B run id) and is never loaded back into anything.
-Model and optimizer go through DCP (checkpoint.py), resharded to any world size.
+Model and optimizer go through DCP (checkpoint.py), resharded to any world size, and so do
+`tensors`, more sharded state under its own names (train.ema's average).
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         stateful: dict[str, Stateful],
         record: dict[str, Any],
+        tensors: Callable[[], dict[str, dict[str, torch.Tensor]]] = dict,
     ) -> None:
         self.cfg, self.root, self.env = cfg, root, env
         self.model, self.optimizer = model, optimizer
-        self.stateful, self.record = stateful, record
+        self.stateful, self.record, self.tensors = stateful, record, tensors
         self.saver: AsyncCheckpointer | None = None
         self.keepers: list[Callable[[], frozenset[int]]] = []
 
@@ -87,16 +89,16 @@ class Checkpointer:
         args = (self.root, step, state, self.model, self.optimizer)
         also_keep = frozenset().union(*(steps() for steps in self.keepers))
         if self.saver is not None and not final:
-            return self.saver.save(*args, self.cfg.keep_last, also_keep)
+            return self.saver.save(*args, self.cfg.keep_last, also_keep, self.tensors())
         if self.saver is not None:
             self.saver.drain()
-        return checkpoint.save(*args, self.env, self.cfg.keep_last, also_keep)
+        return checkpoint.save(*args, self.env, self.cfg.keep_last, also_keep, self.tensors())
 
     def restore(self, path: Path, state: dict[str, Any], fused: bool, same_ranks: bool, seed: int) -> None:
         """Collective. Model and optimizer from DCP (any world size), then every declared part
         from its own entry. RNG streams continue rank by rank when the world size is the same;
         otherwise ranks no longer map onto saved streams and get fresh ones, distinct per step."""
-        checkpoint.load_model_and_optimizer(path, self.model, self.optimizer)
+        checkpoint.load_model_and_optimizer(path, self.model, self.optimizer, self.tensors())
         keep_kernel_choice(self.optimizer, fused)
         for name, part in self.stateful.items():
             if name in state or not getattr(part, "missing_ok", False):

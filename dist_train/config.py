@@ -173,6 +173,16 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    decay: float | None = setting(
+        None,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is what evaluation, "
+        "`dist-train eval` and `export` use (null: off)",
+    )
+    warmup: bool = setting(True, "ramp the decay up as `min(decay, (1 + n) / (10 + n))` over the first updates")
+
+
+@dataclass(frozen=True)
 class EarlyStopConfig:
     metric: str | None = setting(
         None, "end the run when this validation metric (`val_loss`, `val_acc`, ...) stops improving (null: off)"
@@ -269,6 +279,7 @@ class TrainConfig:
         "generation at these steps (0: automatic)",
     )
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass(frozen=True)
@@ -854,6 +865,7 @@ def validate(cfg: Config) -> None:
         f"judges each checkpoint by the evaluation at its step: checkpoint.every_steps ({every}) must be "
         f"a multiple of train.eval_every ({eval_every})",
     )
+    require(t.ema.decay is None or 0 < t.ema.decay < 1, "train.ema.decay", f"must be in (0, 1), got {t.ema.decay}")
     require(stop.patience >= 1, "train.early_stop.patience", f"must be >= 1, got {stop.patience}")
     require(stop.min_delta >= 0, "train.early_stop.min_delta", f"must be >= 0, got {stop.min_delta}")
     for index, spec in enumerate(cfg.callbacks):

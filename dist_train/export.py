@@ -22,7 +22,7 @@ def export(run_dir: Path, out: Path, step: int | None = None, dtype: str = "fp32
     source = weights_checkpoint(run_dir, step)
     if out.exists() and out.is_dir():
         raise UserError(f"--out {out} is a directory")
-    state = checkpoint.read_full_state(source, "model")
+    state = checkpoint.read_weights(source)
     tensors, seen = {}, set()
     for name, tensor in state.items():
         # safetensors stores no aliases: tied weights (GPT's embedding and head) become copies.
@@ -42,7 +42,7 @@ def export(run_dir: Path, out: Path, step: int | None = None, dtype: str = "fp32
 def weights_checkpoint(path: Path, step: int | None = None) -> Path:
     """The verified checkpoint whose weights `path` stands for: a run directory's newest valid
     one (or its checkpoint of `step`), or `path` itself when it is a checkpoint directory.
-    Export and model.init_from read their weights from it with checkpoint.read_full_state."""
+    Export and model.init_from read their weights from it with checkpoint.read_weights."""
     if step is None and (path / checkpoint.MANIFEST).is_file():
         checkpoint.verify(path)
         return path

@@ -192,7 +192,7 @@ def read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
     path = Path(source).expanduser()
     if path.is_dir():
         found = weights_checkpoint(path)
-        return checkpoint.read_full_state(found, "model"), str(found)
+        return checkpoint.read_weights(found), str(found)
     if not path.is_file():
         raise InitFromError(f"model.init_from={source}: no such file or directory")
     if path.suffix in TORCH_FILES:

@@ -125,6 +125,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
             # The batch as it ran, read by resume checks (data.batch_size=auto resumes with it).
             "world_size": env.world_size, "global_batch": plan.batch.global_batch, "micro_batch": plan.batch.micro,
         },
+        tensors=components.tensors,
     )  # fmt: skip
     if resume is not None:
         checkpointer.restore(resume.path, resume.state, fused, not plan.world_changed, cfg.run.seed)
@@ -328,9 +329,9 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
             # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
             broadcast_buffers(strategy.unwrap(model))
             files = (cfg.run_dir, f"step_{step:08d}") if env.is_main else None  # rank 0 writes them
-            result.eval_metrics = evaluate(
-                strategy.unwrap(model), task, data.val_loader, run.inputs_to_device, device, amp, t.eval_batches, files
-            )
+            evaluated, eval_args = strategy.unwrap(model), (run.inputs_to_device, device, amp)
+            with run.components.eval_weights(run):  # train.ema's average, where kept
+                result.eval_metrics = evaluate(evaluated, task, data.val_loader, *eval_args, t.eval_batches, files)
             logger.log(step, result.eval_metrics)
             run.train_mode()
             # Components see the run's own schedule only, not the extra evaluation at an

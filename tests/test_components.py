@@ -117,6 +117,7 @@ def test_resume_mid_patience_with_every_component_on_is_bitwise(tmp_path):
         "prune.sparsity": 0.5,
         "prune.schedule": "gradual",
         "prune.end_step": 10,
+        "train.ema.decay": 0.8,
     }
 
     def run(name, **extra):
@@ -135,6 +136,10 @@ def test_resume_mid_patience_with_every_component_on_is_bitwise(tmp_path):
     assert straight.step == resumed.step == 12 and straight.early_stop == resumed.early_stop
     a, b = final_model(tmp_path, "straight"), final_model(tmp_path, "split")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a, ema_b = (checkpoint.read_full_state(r.checkpoint, "ema") for r in (straight, resumed))
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert not all(torch.equal(ema_a[k], a[k]) for k in ema_a)  # an average, not the weights
+    assert straight.eval_metrics == resumed.eval_metrics
     assert 0.45 < sum(int((t == 0).sum()) for t in a.values()) / sum(t.numel() for t in a.values())
     ends = [r for r in _hooks(split_hooks) if r["hook"] in ("on_start", "at_end")]
     assert ends == [
@@ -150,6 +155,71 @@ def test_resume_mid_patience_with_every_component_on_is_bitwise(tmp_path):
     for name in ("straight", "split"):
         kept = checkpoint.list_checkpoints(tmp_path / "runs" / name / "checkpoints")
         assert {checkpoint.step_of(c) for c in kept} == {12, *best_two}, name
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight  # tied, as GPT's embedding and head
+
+
+@pytest.mark.unit
+def test_ema_averages_each_parameter_once_with_its_warmup():
+    from types import SimpleNamespace
+
+    from dist_train.components.ema import EMA
+    from dist_train.config import EmaConfig
+
+    torch.manual_seed(0)
+    model = _Tied()
+    ema = EMA(EmaConfig(decay=0.9, warmup=True), model)
+    assert set(ema.tensors()) == {"embed.weight", "head.weight"}  # both names of the tied weight
+    assert ema.tensors()["embed.weight"] is ema.tensors()["head.weight"]
+    ema.on_start(None)
+    expected = model.embed.weight.detach().clone()
+    for n in range(30):
+        with torch.no_grad():
+            model.embed.weight.add_(torch.randn(5, 3))
+        ema.after_step(None, n + 1)
+        decay = min(0.9, (1 + n) / (10 + n))  # warm-up: 0.1, 0.18, ... until 0.9
+        expected = decay * expected + (1 - decay) * model.embed.weight.detach()
+    torch.testing.assert_close(ema.tensors()["embed.weight"], expected, rtol=1e-6, atol=1e-6)
+
+    raw = model.embed.weight.detach().clone()
+    with ema.eval_weights(SimpleNamespace()):
+        assert torch.equal(model.head.weight, ema.tensors()["head.weight"])
+    assert torch.equal(model.embed.weight, raw)  # training continues from its own weights
+
+    resumed = EMA(ema.cfg, _Tied())
+    resumed.load_state_dict(ema.state_dict())
+    resumed.on_start(None)  # restored: the average is not reset to the weights
+    assert resumed.updates == 30 and resumed.decay() == 31 / 40  # (1 + n) / (10 + n), still below 0.9
+
+
+@pytest.mark.system
+def test_an_ema_run_is_evaluated_and_exported_as_its_average(tmp_path):
+    from safetensors.torch import load_file
+
+    from dist_train.cli import main
+
+    result = _train(tmp_path, **{"train.ema.decay": 0.9, "train.max_steps": 8, "train.eval_every": 8})
+    ema = checkpoint.read_full_state(result.checkpoint, "ema")
+    out = tmp_path / "model.safetensors"
+    assert main(["export", str(tmp_path / "runs" / "digits"), "--out", str(out)]) == 0
+    exported = load_file(str(out))
+    assert ema.keys() <= exported.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
+    # dist-train eval reads the same average: its metrics are the run's own last evaluation.
+    proc = run_cli("eval", str(tmp_path / "runs" / "digits"), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "runs" / "digits" / "eval" / "val-step_00000008" / "metrics.json").read_text())
+    assert evaluated["metrics"] == result.eval_metrics  # to the last bit: the same weights
+    model = checkpoint.read_full_state(result.checkpoint, "model")
+    assert not all(torch.equal(model[k], ema[k]) for k in ema)
 
 
 # --------------------------------------------------------------------------- best checkpoints
@@ -281,3 +351,33 @@ def test_the_callbacks_example_stops_at_its_accuracy_and_stays_stopped(tmp_path)
 
     again = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"nothing to do: val_acc reached 0.9 at step {stopped}" in again.stdout
+
+
+@pytest.mark.multiprocess
+def test_ema_under_fsdp_matches_ddp_and_reshards_onto_another_world_size(tmp_path):
+    """A tiny GPT (its embedding and head tied) on 2 gloo ranks: FSDP's average, kept shard by
+    shard, equals DDP's whole one; saved on 2 ranks and resumed on 1 it continues to the same."""
+    from conftest import launch_gpt
+
+    gpt = {
+        "data.dataset": "text", "data.seq_len": 32, "data.batch_size": 4, "model.name": "gpt",
+        "model.n_layer": 2, "model.width": 32, "model.n_head": 2, "optim.name": "adamw", "optim.lr": 0.003,
+        "train.max_steps": 4, "train.log_every": 1, "train.eval_batches": 2, "checkpoint.every_steps": 0,
+        "train.ema.decay": 0.5, "train.ema.warmup": False,
+    }  # fmt: skip
+    launch_gpt(tmp_path, "ddp", gpt, 2, **{"parallel.strategy": "ddp"})
+    launch_gpt(tmp_path, "fsdp", gpt, 2, **{"parallel.strategy": "fsdp"})
+    launch_gpt(tmp_path, "elastic", gpt, 2, **{"parallel.strategy": "fsdp", "train.stop_at_step": 2})
+    proc = launch_gpt(tmp_path, "elastic", gpt, 1, **{"parallel.strategy": "fsdp"})
+    assert "written by 2 processes, resumed on 1" in proc.stdout
+
+    def ema(name):
+        return checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / name / "checkpoints"), "ema")
+
+    ddp, fsdp, elastic = ema("ddp"), ema("fsdp"), ema("elastic")
+    assert ddp.keys() == fsdp.keys() == elastic.keys() and "blocks.0.attn.qkv.weight" in fsdp
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(elastic[key], fsdp[key], rtol=1e-4, atol=1e-5)
+    model = final_model(tmp_path, "fsdp")
+    assert max((model[k] - fsdp[k]).abs().max() for k in fsdp) > 1e-4  # an average, not the weights

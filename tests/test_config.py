@@ -493,6 +493,7 @@ def test_all_keys_lists_every_section_and_leaf():
         "logging.wandb",
         "train.early_stop",
         "checkpoint.keep_best",
+        "train.ema",
     }
     assert sections <= set(keys)
     assert set(keys) == set(leaves) | sections

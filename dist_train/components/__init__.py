@@ -1,6 +1,6 @@
 """Features that hook into the training loop and keep their state in the checkpoint
 (base.py: the protocol). A run's components, in the order they are called after each step:
-prune.sparsity's masks, train.early_stop, checkpoint.keep_best, then the user's callbacks."""
+prune.sparsity's masks, train.ema, train.early_stop, checkpoint.keep_best, then the user's callbacks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 from dist_train.components.base import Component, ComponentError, Components
 from dist_train.components.callbacks import build_callbacks
 from dist_train.components.early_stop import EarlyStopping
+from dist_train.components.ema import EMA
 from dist_train.components.keep_best import KeepBest
 from dist_train.components.sparsity import build_sparsity
 from dist_train.config import Config
@@ -23,6 +24,8 @@ def build_components(
 ) -> Components:
     """`model` unwrapped (the strategy's wrapper left out), before a resume restores it."""
     components: list[Component] = [*build_sparsity(cfg, model, start_step, last_step)]
+    if cfg.train.ema.decay is not None:
+        components.append(EMA(cfg.train.ema, model))  # after the masks: it averages the pruned weights
     if cfg.train.early_stop.metric is not None:
         components.append(EarlyStopping(cfg.train.early_stop))
     if cfg.checkpoint.keep_best.metric is not None:

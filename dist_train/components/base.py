@@ -10,6 +10,9 @@ The hooks, in the order a step meets them (each gets the Run: model, optimizer, 
     before_save(run, step)           before each checkpoint is written
     at_end(run, step)                once, after the invocation's last step and save
 
+`eval_weights(run)` is a context around each evaluation (train.ema swaps its average in);
+`tensors()` are sharded tensors saved through DCP beside the model, resharded on a resume at
+another world size, and loaded back in place (train.ema's average).
 `stop_reason()` is asked after each evaluation: a component that wants the run to end returns
 one line saying why (every rank must answer the same; built-ins decide from all-reduced
 metrics). `state_dict()`/`load_state_dict()` go into every checkpoint under the component's
@@ -18,7 +21,11 @@ name, so a resumed run continues each component where it was.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from dist_train.config import UserError
 
@@ -49,6 +56,12 @@ class Component:
 
     def stop_reason(self) -> str | None:
         return None
+
+    def eval_weights(self, run: Run) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -101,6 +114,17 @@ class Components:
     def at_end(self, run: Run, step: int) -> None:
         for c in self.components:
             c.at_end(run, step)
+
+    @contextlib.contextmanager
+    def eval_weights(self, run: Run) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for c in self.components:
+                stack.enter_context(c.eval_weights(run))
+            yield
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each component's sharded tensors under its name, for DCP."""
+        return {c.name: found for c in self.components if (found := c.tensors())}
 
     def stop_reason(self) -> str | None:
         return next((reason for c in self.components if (reason := c.stop_reason())), None)
