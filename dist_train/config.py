@@ -375,8 +375,18 @@ class WandbConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    start_step: int | None = setting(
+        None, "profile the steps after this one with torch.profiler (null: off; 0: from the first step)"
+    )
+    steps: int = setting(5, "how many optimizer steps the profile covers")
+    ranks: list[int] = setting([0], "the ranks that profile, each writing its own trace")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     tensorboard: bool = setting(
         False,
         "rank 0 also writes every logged scalar to `RUN_DIR/tensorboard/`, and the hyperparameters with the "
@@ -857,6 +867,16 @@ def validate(cfg: Config) -> None:
     stop, best, logged = t.early_stop, cfg.checkpoint.keep_best, ("val_loss", *LOGGED_METRICS.values())
     for key, metric in (("train.early_stop.metric", stop.metric), ("checkpoint.keep_best.metric", best.metric)):
         require(metric is None or metric in logged, key, f"must be one of {', '.join(logged)}; got {metric!r}")
+    profile = cfg.logging.profile
+    require(
+        profile.start_step is None or profile.start_step >= 0,
+        "logging.profile.start_step",
+        f"must be >= 0, got {profile.start_step}",
+    )
+    require(profile.steps >= 1, "logging.profile.steps", f"must be >= 1, got {profile.steps}")
+    require(
+        all(rank >= 0 for rank in profile.ranks), "logging.profile.ranks", f"must be ranks >= 0, got {profile.ranks}"
+    )
     require(best.k >= 1, "checkpoint.keep_best.k", f"must be >= 1, got {best.k}")
     every, eval_every = cfg.checkpoint.every_steps, t.eval_every
     require(

@@ -109,7 +109,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
     seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout) from here on
 
     # Built before a resume restores their state; prune.sparsity's masks wait for on_start.
-    components = build_components(cfg, strategy.unwrap(model), start_step, last_step, parts.callbacks)
+    components = build_components(cfg, strategy.unwrap(model), env.rank, start_step, last_step, parts.callbacks)
     wandb_run_id = broadcast_object(new_wandb_run_id() if resume is None else resume.state["wandb_run_id"])
     # A checkpoint holds model and optimizer (DCP), these parts' states under their names (saved
     # and restored from this one declaration), and what it records about the run.

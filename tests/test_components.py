@@ -222,6 +222,27 @@ def test_an_ema_run_is_evaluated_and_exported_as_its_average(tmp_path):
     assert not all(torch.equal(model[k], ema[k]) for k in ema)
 
 
+# --------------------------------------------------------------------------- profiler
+
+
+@pytest.mark.system
+def test_the_profile_covers_its_window_of_steps(tmp_path):
+    _train(tmp_path, "window", **{"logging.profile.start_step": 2, "logging.profile.steps": 3})
+    out = tmp_path / "runs" / "window" / "profile"
+    assert sorted(p.name for p in out.iterdir()) == ["top_ops_rank0.txt", "trace_rank0_steps3-5.json"]
+    events = json.loads((out / "trace_rank0_steps3-5.json").read_text())["traceEvents"]
+    steps = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+    assert len(steps) == 3  # one annotation per optimizer step in the window
+    assert any(e.get("name") == "aten::convolution_backward" for e in events)
+    assert "aten::" in (out / "top_ops_rank0.txt").read_text()
+
+    # From the first step, on a rank list without this one: nothing; ending inside the window: what it has.
+    _train(tmp_path, "other_rank", **{"logging.profile.start_step": 0, "logging.profile.ranks": "[1]"})
+    assert not (tmp_path / "runs" / "other_rank" / "profile").exists()
+    _train(tmp_path, "cut", **{"logging.profile.start_step": 0, "logging.profile.steps": 50})
+    assert (tmp_path / "runs" / "cut" / "profile" / "trace_rank0_steps1-6.json").is_file()
+
+
 # --------------------------------------------------------------------------- best checkpoints
 
 

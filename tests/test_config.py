@@ -494,6 +494,7 @@ def test_all_keys_lists_every_section_and_leaf():
         "train.early_stop",
         "checkpoint.keep_best",
         "train.ema",
+        "logging.profile",
     }
     assert sections <= set(keys)
     assert set(keys) == set(leaves) | sections
