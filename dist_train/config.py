@@ -384,9 +384,20 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    enabled: bool = setting(False, "rank 0 also logs to MLflow: params, every logged scalar, one run across resumes")
+    tracking_uri: str | None = setting(
+        None,
+        "the MLflow tracking store or server (`http://...`, `sqlite:///...`); null: a file store in `RUN_DIR/mlruns`",
+    )
+    experiment: str = setting("dist_train", "the MLflow experiment the run goes into")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tensorboard: bool = setting(
         False,
         "rank 0 also writes every logged scalar to `RUN_DIR/tensorboard/`, and the hyperparameters with the "

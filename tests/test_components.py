@@ -402,3 +402,25 @@ def test_ema_under_fsdp_matches_ddp_and_reshards_onto_another_world_size(tmp_pat
         torch.testing.assert_close(elastic[key], fsdp[key], rtol=1e-4, atol=1e-5)
     model = final_model(tmp_path, "fsdp")
     assert max((model[k] - fsdp[k]).abs().max() for k in fsdp) > 1e-4  # an average, not the weights
+
+
+# --------------------------------------------------------------------------- loggers
+
+
+@pytest.mark.system
+def test_mlflow_keeps_one_run_across_a_resume(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    mlflow = {"logging.mlflow.enabled": True, "train.max_steps": 6, "train.log_every": 2, "train.eval_every": 6}
+    _train(tmp_path, **mlflow, **{"train.stop_at_step": 3})
+    _train(tmp_path, **mlflow)
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "digits" / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("dist_train")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_name == "digits"
+    run_id = runs[0].info.run_id
+    jsonl = logged(tmp_path / "runs" / "digits", "loss")
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert history == pytest.approx(jsonl) and sorted(history) == [2, 3, 4, 6]
+    cfg = load_config("configs/digits.yaml")
+    assert runs[0].data.params["optim.lr"] == str(cfg.optim.lr) and "val_acc" in runs[0].data.metrics
