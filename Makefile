@@ -1,11 +1,12 @@
 # Two commands do all set-up (each creates or reuses .venv):
 #   make train   install, then train the default digits job
 #   make test    install, then lint (ruff, import layers) and run the test suite
+# make test-fast: the same lint, then only the unit tier (pytest -m unit), in under 3 minutes.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: train test install
+.PHONY: train test test-fast install
 
 install: $(VENV)/.installed
 
@@ -27,3 +28,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tier only (in-process, no subprocess; pyproject.toml's markers): what to run while
+# working. `pytest -m multiprocess` and `-m system` run the other two tiers; `make test` all three.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -m unit -n 2 --dist loadfile

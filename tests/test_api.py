@@ -41,6 +41,7 @@ def _weights(found: dict) -> dict[str, torch.Tensor]:
     return checkpoint.read_full_state(Path(found["checkpoint"]), "model")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(("task", "strategy"), [("multilabel", "ddp"), ("regression", "fsdp")])
 def test_two_ranks_under_torchrun_equal_one_process_with_accumulation(tmp_path, task, strategy):
     # Each rank seeds its model differently (the script does): equal results prove rank 0's
@@ -65,6 +66,7 @@ def test_two_ranks_under_torchrun_equal_one_process_with_accumulation(tmp_path, 
         assert two["eval"][name] == pytest.approx(one["eval"][name], rel=1e-4)
 
 
+@pytest.mark.system
 def test_a_python_loss_function_gets_loss_only_and_the_run_resumes_through_the_same_call(tmp_path):
     straight = _script(tmp_path, "custom", None, "run.name=straight")
     first = _script(tmp_path, "custom", None, "run.name=split", "train.stop_at_step=5")
@@ -87,6 +89,7 @@ def _digits_config(tmp_path) -> dict:
     }
 
 
+@pytest.mark.system
 def test_fit_takes_a_yaml_path_a_mapping_or_a_config_with_overrides(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     by_dict = dist_train.fit(_digits_config(tmp_path), ["run.name=by-dict"])
@@ -105,12 +108,14 @@ def test_fit_takes_a_yaml_path_a_mapping_or_a_config_with_overrides(tmp_path, mo
         dist_train.fit(_digits_config(tmp_path), ["optim.lr=-1"])
 
 
+@pytest.mark.unit
 def test_a_model_object_wins_over_model_name(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     result = dist_train.fit(_digits_config(tmp_path), ["model.name=resnet50"], model=model)
     assert set(checkpoint.read_full_state(result.checkpoint, "model")) == {"1.weight", "1.bias"}
 
 
+@pytest.mark.unit
 def test_bad_objects_are_one_line_errors(tmp_path):
     data = TensorDataset(torch.randn(64, 4), torch.randn(64))
     with pytest.raises(ConfigError, match="train_data and val_data together"):
@@ -131,6 +136,7 @@ def test_bad_objects_are_one_line_errors(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
 
 
+@pytest.mark.system
 def test_the_readme_example_script_trains_the_digits(tmp_path):
     proc = subprocess.run(
         [sys.executable, "examples/fit_api.py", f"run.output_dir={tmp_path}", "train.max_epochs=3"]

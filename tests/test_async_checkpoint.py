@@ -51,6 +51,7 @@ def _assert_same(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
+@pytest.mark.system
 def test_async_checkpoints_equal_sync_ones_bit_for_bit(tmp_path, capsys):
     """Saved every 2 steps of 6 while training goes on: BatchNorm's running statistics change in
     the very next forward, so staging after it would show here."""
@@ -67,6 +68,7 @@ def test_async_checkpoints_equal_sync_ones_bit_for_bit(tmp_path, capsys):
     assert [row["step"] for row in stalls if "checkpoint_stall_s" in row] == [2, 4, 6]
 
 
+@pytest.mark.system
 def test_where_a_stager_cannot_stage_twice_each_save_has_its_own(tmp_path, monkeypatch, capsys):
     """torch 2.11 and 2.12's stager fails its second save (it clears its copy table after each):
     there every save stages through a new stager, closed once that save is written."""
@@ -93,6 +95,7 @@ def test_where_a_stager_cannot_stage_twice_each_save_has_its_own(tmp_path, monke
         _assert_same(_everything(fresh), _everything(sync), f"step {step}")
 
 
+@pytest.mark.system
 def test_a_failed_background_write_fails_the_run_and_resume_skips_it(tmp_path, monkeypatch, capsys):
     """The write of step 4 fails (the hook raises what a full disk would): the run stops at the
     next boundary (step 6) with one line, step 4 stays .partial, and the same command resumes
@@ -119,6 +122,7 @@ def test_a_failed_background_write_fails_the_run_and_resume_skips_it(tmp_path, m
     )
 
 
+@pytest.mark.unit
 def test_staging_that_does_not_fit_in_host_memory_saves_synchronously(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(HOST_MEMORY_GB, "0.000001")  # 1 KiB: less than the 3 KiB of model and momentum
     assert main(["train", CONFIG, *_overrides(tmp_path, "small", **{"checkpoint.async_save": True})]) == 0
@@ -130,6 +134,7 @@ def test_staging_that_does_not_fit_in_host_memory_saves_synchronously(tmp_path, 
         checkpoint.verify(checkpoint.step_dir(tmp_path / "runs" / "small" / "checkpoints", step))
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("strategy", ["fsdp"])
 def test_two_ranks_save_asynchronously_as_they_save_synchronously(tmp_path, strategy):
     """2 gloo ranks under torchrun, FSDP: every rank stages its own shards, the background
@@ -145,6 +150,7 @@ def test_two_ranks_save_asynchronously_as_they_save_synchronously(tmp_path, stra
         _assert_same(_everything(async_dir), _everything(sync_dir), f"step {step}")
 
 
+@pytest.mark.unit
 def test_a_stop_signal_drains_the_save_in_flight_and_saves_synchronously(tmp_path, capsys):
     """SIGUSR1 in step 5's forward: step 4's background save is finished and made visible, step
     5 is saved synchronously, exit 75; the same command continues and ends as an uninterrupted run."""

@@ -45,6 +45,7 @@ def overrides(tmp_path: Path, root: Path, **extra: object) -> list[str]:
     return tiny_overrides(tmp_path, **values)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_corrupt_training_image_is_one_line_naming_its_index_and_file(tmp_path, capfd, num_workers):
     root = image_folder(tmp_path, corrupt=("train/b/2.png",))
@@ -57,6 +58,7 @@ def test_a_corrupt_training_image_is_one_line_naming_its_index_and_file(tmp_path
     assert "UnidentifiedImageError" in err and "data.skip_bad_samples=true" in err
 
 
+@pytest.mark.unit
 def test_a_corrupt_validation_image_is_one_line_with_loader_workers(tmp_path, capfd):
     root = image_folder(tmp_path, corrupt=("val/a/1.png",))
     args = overrides(tmp_path, root, **{"data.num_workers": 2, "train.max_steps": 2})
@@ -86,6 +88,7 @@ def logged(run_dir: Path, key: str) -> dict[int, float]:
     return {line["step"]: line[key] for line in lines if key in line}
 
 
+@pytest.mark.system
 def test_skip_bad_samples_replaces_them_reproducibly_and_the_count_survives_resume(tmp_path, capfd):
     root = image_folder(tmp_path, corrupt=("train/b/2.png", "val/a/1.png"))
     skip = {"data.skip_bad_samples": True, "train.eval_every": 6}

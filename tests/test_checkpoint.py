@@ -16,6 +16,8 @@ from dist_train.data import Batch
 from dist_train.distributed import DistEnv
 from dist_train.plan import check_compatible
 
+pytestmark = pytest.mark.unit
+
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 

@@ -85,6 +85,7 @@ BAD_OVERRIDES = [
 ]
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("overrides, needles", BAD_OVERRIDES)
 def test_bad_override_is_one_line(tmp_path, command, overrides, needles):
@@ -95,6 +96,7 @@ def test_bad_override_is_one_line(tmp_path, command, overrides, needles):
     assert not out.exists()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("command", COMMANDS)
 def test_malformed_yaml_is_one_line(tmp_path, command):
     config = tmp_path / "broken.yaml"
@@ -103,6 +105,7 @@ def test_malformed_yaml_is_one_line(tmp_path, command):
     assert_one_line_error(proc, str(config), "line 3")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("command", COMMANDS)
 def test_yaml_python_tag_is_refused(tmp_path, command):
     marker = tmp_path / "pwned"
@@ -113,6 +116,7 @@ def test_yaml_python_tag_is_refused(tmp_path, command):
     assert not marker.exists()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("command", COMMANDS)
 def test_unknown_key_in_yaml_is_one_line(tmp_path, command):
     config = tmp_path / "typo.yaml"
@@ -121,6 +125,7 @@ def test_unknown_key_in_yaml_is_one_line(tmp_path, command):
     assert_one_line_error(proc, "checkpoint.keep_lst", "checkpoint.keep_last")
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("command", COMMANDS)
 def test_missing_config_file_is_one_line(tmp_path, command):
     missing = tmp_path / "nope.yaml"
@@ -128,6 +133,7 @@ def test_missing_config_file_is_one_line(tmp_path, command):
     assert_one_line_error(proc, "config file not found", str(missing))
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("command", COMMANDS)
 def test_unknown_flag_is_an_argparse_error(tmp_path, command):
     proc = _cli_in(tmp_path, command, DIGITS, "--bogus", f"run.output_dir={tmp_path / 'out'}")
@@ -136,6 +142,7 @@ def test_unknown_flag_is_an_argparse_error(tmp_path, command):
     assert "key=value" in line
 
 
+@pytest.mark.system
 def test_override_without_equals_after_a_launch_flag(tmp_path):
     # After a flag argparse no longer collects positionals, so cli.main reports it through parser.error.
     proc = _cli_in(tmp_path, "launch", DIGITS, "--nproc-per-node", "1", "optim.lr")
@@ -143,11 +150,13 @@ def test_override_without_equals_after_a_launch_flag(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 2, proc.stderr
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("args", [[], ["bogus"], ["train"]], ids=["no-command", "bad-command", "no-config"])
 def test_usage_mistakes(tmp_path, args):
     assert_usage_error(_cli_in(tmp_path, *args))
 
 
+@pytest.mark.system
 def test_bad_launch_flag_is_one_line(tmp_path):
     # The launcher's own checks are covered in-process in test_launcher.py; this one checks the CLI's shape.
     out = tmp_path / "out"
@@ -159,6 +168,7 @@ def test_bad_launch_flag_is_one_line(tmp_path):
 # --------------------------------------------------------------------------- mistakes found when training starts
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("command", COMMANDS)
 def test_fp16_without_gpu_is_one_line(tmp_path, command):
     out = tmp_path / "runs"
@@ -168,6 +178,7 @@ def test_fp16_without_gpu_is_one_line(tmp_path, command):
     assert not out.exists()
 
 
+@pytest.mark.system
 def test_dataset_smaller_than_one_global_batch(tmp_path):
     out = tmp_path / "runs"
     overrides = tiny_overrides(tmp_path, **{"data.batch_size": 1000, "train.grad_accum_steps": 2})
@@ -177,6 +188,7 @@ def test_dataset_smaller_than_one_global_batch(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.system
 def test_resume_from_missing_path(tmp_path):
     out = tmp_path / "runs"
     overrides = tiny_overrides(tmp_path, **QUICK_DATA, **{"checkpoint.resume": "/does/not/exist"})
@@ -185,6 +197,7 @@ def test_resume_from_missing_path(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.system
 def test_output_dir_that_is_a_file_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory\n")
@@ -202,6 +215,7 @@ def tiny_run(tmp_path_factory):
     return root, proc
 
 
+@pytest.mark.system
 def test_tiny_run_succeeds(tiny_run):
     root, proc = tiny_run
     assert proc.returncode == 0, proc.stderr
@@ -214,6 +228,7 @@ def test_tiny_run_succeeds(tiny_run):
     assert "training 6 steps of global batch 16" in proc.stdout
 
 
+@pytest.mark.system
 def test_tiny_run_outputs_are_consistent(tiny_run):
     root, proc = tiny_run
     assert proc.returncode == 0, proc.stderr
@@ -230,6 +245,7 @@ def test_tiny_run_outputs_are_consistent(tiny_run):
     assert not list(root.rglob("*.partial"))
 
 
+@pytest.mark.system
 def test_resume_never_refuses_an_existing_run(tiny_run):
     root, first = tiny_run
     assert first.returncode == 0, first.stderr
@@ -246,6 +262,7 @@ def test_resume_never_refuses_an_existing_run(tiny_run):
 # --------------------------------------------------------------------------- the rest of the bad-input battery
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "data, needles",
     [
@@ -272,6 +289,7 @@ def _copy_checkpoint(tiny_run, tmp_path) -> Path:
     return Path(shutil.copytree(root / "runs" / "digits" / "checkpoints" / "step_00000006", tmp_path / "ckpt"))
 
 
+@pytest.mark.system
 def test_a_checkpoint_from_a_newer_format_is_one_line(tiny_run, tmp_path):
     ckpt = _copy_checkpoint(tiny_run, tmp_path)
     manifest = json.loads((ckpt / "manifest.json").read_text())
@@ -281,6 +299,7 @@ def test_a_checkpoint_from_a_newer_format_is_one_line(tiny_run, tmp_path):
     assert_one_line_error(proc, "format version", "upgrade dist_train")
 
 
+@pytest.mark.system
 def test_a_corrupted_checkpoint_named_by_path_is_one_line(tiny_run, tmp_path):
     ckpt = _copy_checkpoint(tiny_run, tmp_path)
     shard = next((ckpt / "model_optim").glob("*.distcp"))
@@ -289,6 +308,7 @@ def test_a_corrupted_checkpoint_named_by_path_is_one_line(tiny_run, tmp_path):
     assert_one_line_error(proc, "corrupted", "model_optim/")
 
 
+@pytest.mark.system
 def test_a_checkpoint_of_another_model_names_the_parameter_and_shapes(tmp_path):
     mlp = {"model.name": "mlp", "model.mlp_hidden": "[32]", "train.max_steps": 2, "checkpoint.every_steps": 0}
     first = run_cli("train", DIGITS, *tiny_overrides(tmp_path, **mlp), cwd=REPO)
@@ -300,6 +320,7 @@ def test_a_checkpoint_of_another_model_names_the_parameter_and_shapes(tmp_path):
     assert not (tmp_path / "runs" / "wider").exists()
 
 
+@pytest.mark.unit
 def test_more_processes_than_gpus_is_one_line(tmp_path, monkeypatch, capsys):
     import torch
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import REPO, cli_env
 
@@ -35,6 +36,7 @@ def config_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.unit
 def test_prints_the_resolved_config_that_parses_back_with_the_overrides(capsys):
     overrides = ["optim.lr=0.02", "run.name=0123", "data.synthetic_shape=[1,8,8]"]
     code, out, err = config_cli(capsys, DIGITS, *overrides)
@@ -49,6 +51,7 @@ def test_prints_the_resolved_config_that_parses_back_with_the_overrides(capsys):
     assert load_config(printed) == load_config(DIGITS, overrides)
 
 
+@pytest.mark.unit
 def test_the_plan_splits_the_global_batch_over_the_processes(capsys):
     # The flag between the overrides: cli.py collects the ones argparse leaves over.
     code, out, err = config_cli(capsys, DIGITS, "train.global_batch=64", "--nproc-per-node", "2", "data.batch_size=16")
@@ -65,6 +68,7 @@ def test_the_plan_splits_the_global_batch_over_the_processes(capsys):
     assert "# plan on 1 process: global batch 24 (1 x 8 x 3 accumulation)" in out
 
 
+@pytest.mark.unit
 def test_auto_batch_size_says_it_is_searched_at_start_up(capsys):
     code, out, err = config_cli(
         capsys, DIGITS, "data.batch_size=auto", "train.global_batch=64", "--nproc-per-node", "4"
@@ -75,6 +79,7 @@ def test_auto_batch_size_says_it_is_searched_at_start_up(capsys):
     assert "searched at start-up" in plan[0] and "dist-train find-batch" in plan[0]
 
 
+@pytest.mark.unit
 def test_mistakes_are_one_line_and_exit_2(capsys):
     for argv, expected in [
         ([DIGITS, "optim.lrr=0.1"], "error: unknown config key optim.lrr; did you mean optim.lr?"),
@@ -95,6 +100,7 @@ def test_mistakes_are_one_line_and_exit_2(capsys):
         assert out == "" and len(err.splitlines()) == 1 and err.startswith(expected), (argv, err)
 
 
+@pytest.mark.unit
 def test_keys_lists_every_key_with_its_type_and_default(capsys):
     code, out, err = config_cli(capsys, "--keys")
     assert code == 0, err
@@ -113,6 +119,7 @@ def test_keys_lists_every_key_with_its_type_and_default(capsys):
     assert shown == [key for key in leaf_keys() if key.startswith("train.")]
 
 
+@pytest.mark.unit
 def test_every_key_has_one_line_of_help():
     docs = key_docs()
     assert [doc.key for doc in docs] == leaf_keys()
@@ -120,6 +127,7 @@ def test_every_key_has_one_line_of_help():
     assert not missing, f"config keys without one line of help (setting(default, help) in config.py): {missing}"
 
 
+@pytest.mark.unit
 def test_the_readme_table_is_the_generated_one():
     text = README.read_text()
     assert START in text and END in text, f"README.md lacks the {START.strip()} ... {END} markers"
@@ -134,6 +142,7 @@ def test_the_readme_table_is_the_generated_one():
         assert len(re.findall(r"(?<!\\)\|", row)) == 4, row
 
 
+@pytest.mark.system
 def test_the_verb_parses_and_lists_keys_without_importing_torch():
     # Only this verb's parser: `dist-train quantize` imports torch while building its own.
     probe = (

@@ -32,6 +32,7 @@ def _indices(sampler) -> list[int]:
     return [index for _, index in sampler]
 
 
+@pytest.mark.unit
 def test_shards_are_disjoint_equal_and_cover_whole_global_batches():
     n, world, global_batch = 103, 4, 12  # 103 // 12 = 8 global batches = 96 samples per epoch
     shards = [
@@ -45,6 +46,7 @@ def test_shards_are_disjoint_equal_and_cover_whole_global_batches():
     assert set(flat) == set(permutation[:96].tolist())
 
 
+@pytest.mark.unit
 def test_epochs_reshuffle_and_are_reproducible():
     sampler = ResumableDistributedSampler(50, 1, 0, seed=3, global_batch=10)
     sampler.set_epoch(0)
@@ -57,6 +59,7 @@ def test_epochs_reshuffle_and_are_reproducible():
     assert all(epoch == 0 for epoch, _ in sampler)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_resumed_position_yields_exactly_the_remaining_samples(world):
     n, global_batch, consumed = 120, 6 * world, 4 * 6 * world
@@ -77,6 +80,7 @@ def test_resumed_position_yields_exactly_the_remaining_samples(world):
         assert resumed[rank] == full[rank][consumed // world :]
 
 
+@pytest.mark.unit
 def test_set_start_rejects_positions_that_split_ranks():
     sampler = ResumableDistributedSampler(40, 2, 0, seed=0, global_batch=8)
     with pytest.raises(ValueError):
@@ -85,11 +89,13 @@ def test_set_start_rejects_positions_that_split_ranks():
         sampler.set_start(48)
 
 
+@pytest.mark.unit
 def test_eval_shards_cover_every_sample_once():
     shards = [list(EvalShard(11, 3, r)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(11))
 
 
+@pytest.mark.unit
 def test_train_batches_state_resumes_the_stream():
     cfg = DataConfig(dataset="digits", batch_size=16)
     pipe = build_pipeline(cfg, _cpu_env(), Batch(1, cfg.batch_size, 2), seed=5)
@@ -106,6 +112,7 @@ def test_train_batches_state_resumes_the_stream():
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
+@pytest.mark.unit
 def test_epoch_rolls_over_after_whole_global_batches():
     cfg = DataConfig(dataset="digits", batch_size=100)
     pipe = build_pipeline(cfg, _cpu_env(), Batch(1, cfg.batch_size, 1), seed=0)
@@ -114,12 +121,14 @@ def test_epoch_rolls_over_after_whole_global_batches():
     assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 0}
 
 
+@pytest.mark.unit
 def test_dataset_smaller_than_one_global_batch_is_an_error():
     cfg = DataConfig(dataset="digits", batch_size=400)
     with pytest.raises(DataError, match="fewer than one global batch of 1600"):
         build_pipeline(cfg, _cpu_env(rank=0, world=2), Batch(2, cfg.batch_size, 2), seed=0)
 
 
+@pytest.mark.unit
 def test_digits_split_is_fixed_and_complete():
     a, b = build_datasets(DataConfig(dataset="digits")), build_datasets(DataConfig(dataset="digits"))
     assert (len(a.train), len(a.val)) == (1438, 359)
@@ -127,6 +136,7 @@ def test_digits_split_is_fixed_and_complete():
     assert a.spec.input_shape == (1, 8, 8) and a.spec.num_classes == 10
 
 
+@pytest.mark.unit
 def test_augmentation_is_a_function_of_seed_epoch_and_index():
     data = build_datasets(DataConfig(dataset="digits"))
     aug = SeededAugment(data.train, data.train_transform, seed=0)
@@ -141,6 +151,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index():
     assert torch.equal(no_aug[(0, 7)][0], no_aug[(5, 7)][0])
 
 
+@pytest.mark.unit
 def test_random_shift_is_a_padded_random_crop_over_every_offset_keyed_per_sample():
     image = torch.arange(1.0, 65.0).reshape(1, 8, 8)
     padded = torch.nn.functional.pad(image, (1, 1, 1, 1), value=-3.0)
@@ -159,6 +170,7 @@ def test_random_shift_is_a_padded_random_crop_over_every_offset_keyed_per_sample
     assert torch.equal(shift.keyed(image[None], [1007])[0], shifted[7])
 
 
+@pytest.mark.unit
 def test_batched_augmentation_equals_per_sample_augmentation():
     datasets = build_datasets(DataConfig(dataset="digits", augment=True))
     augment = SeededAugment(datasets.train, datasets.train_transform, seed=4)
@@ -169,6 +181,7 @@ def test_batched_augmentation_equals_per_sample_augmentation():
     assert torch.equal(labels, torch.stack([augment[(2, index)][1] for index in indices]))
 
 
+@pytest.mark.unit
 def test_synthetic_dataset_shape():
     data = build_datasets(
         DataConfig(dataset="synthetic", synthetic_shape=[3, 16, 16], synthetic_size=64, synthetic_classes=5)
@@ -177,6 +190,7 @@ def test_synthetic_dataset_shape():
     assert x.shape == (3, 16, 16) and 0 <= int(y) < 5 and len(data.train) == 64
 
 
+@pytest.mark.unit
 def test_synthetic_uint8_images_cross_as_bytes_and_are_normalized_on_the_device():
     """data.synthetic_dtype=uint8: the path cifar10 and mnist take, for throughput runs."""
     from dist_train.data import build_pipeline
@@ -198,6 +212,7 @@ def _write_images(folder, classes, per_class, size=(12, 10)):
             Image.new("RGB", size, color=(40 * c, 10 * i, 0)).save(folder / name / f"{i}.png")
 
 
+@pytest.mark.unit
 def test_image_folder_with_and_without_val_folder(tmp_path):
     _write_images(tmp_path / "flat", ["cat", "dog", "eel"], 5)
     data = build_datasets(
@@ -213,6 +228,7 @@ def test_image_folder_with_and_without_val_folder(tmp_path):
     assert (len(data.train), len(data.val)) == (8, 4)
 
 
+@pytest.mark.unit
 def test_image_folder_missing_or_empty_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         build_datasets(DataConfig(dataset="image_folder", root=str(tmp_path / "nope")))
@@ -225,18 +241,21 @@ def test_image_folder_missing_or_empty_is_a_clear_error(tmp_path):
         build_datasets(DataConfig(dataset="image_folder", root=str(tmp_path / "no_val")))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["cifar10", "mnist"])
 def test_torchvision_dataset_missing_offline_says_how_to_download(tmp_path, name):
     with pytest.raises(DataError, match="data.download=true"):
         build_datasets(DataConfig(dataset=name, root=str(tmp_path)))
 
 
+@pytest.mark.unit
 def test_total_steps_takes_the_first_limit():
     assert total_steps(100, None, 44) == 100
     assert total_steps(None, 3, 44) == 132
     assert total_steps(100, 2, 44) == 88
 
 
+@pytest.mark.unit
 def test_worker_processes_do_not_change_the_batches():
     # Per-sample seeding makes augmented batches identical with and without loader workers,
     # also when the stream restarts mid-epoch on persistent workers.
@@ -253,6 +272,7 @@ def test_worker_processes_do_not_change_the_batches():
         assert torch.equal(a, b)
 
 
+@pytest.mark.unit
 def test_a_new_world_size_continues_the_epoch_with_every_sample_once():
     # Segments of 2 -> 1 -> 2 ranks inside one epoch, the global batch kept at 12: together they
     # consume exactly the samples one uninterrupted epoch would, none twice.
@@ -270,6 +290,7 @@ def test_a_new_world_size_continues_the_epoch_with_every_sample_once():
     assert set(consumed) == set(uninterrupted)
 
 
+@pytest.mark.unit
 def test_chunked_in_memory_loading_yields_the_per_sample_micro_batches_across_resume_and_epochs():
     # Rank 1 of 2 resumes 4 steps before the end of epoch 0 and reads into epoch 1: the chunks
     # gathered and augmented at once must split into exactly the micro-batches that per-sample
@@ -297,6 +318,7 @@ def test_chunked_in_memory_loading_yields_the_per_sample_micro_batches_across_re
     assert pipe.train.state_dict() == {"epoch": 1, "samples_consumed": 20 * 32}
 
 
+@pytest.mark.unit
 def test_the_digits_shift_is_unchanged_by_the_uint8_and_flip_work():
     # Digest of the shift before RandomShift learned flips and uint8: old checkpoints' runs
     # (and their exact resume) depend on every sample's offsets staying the same.
@@ -308,6 +330,7 @@ def test_the_digits_shift_is_unchanged_by_the_uint8_and_flip_work():
     assert digest == "12d880a3c83276921bf508ed503914b12114bc66104e2d29c1fbf5e89613b4f6"
 
 
+@pytest.mark.unit
 def test_uint8_crop_and_flip_are_keyed_per_sample():
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(images[0], (4, 4, 4, 4), value=0)
@@ -330,6 +353,7 @@ def test_uint8_crop_and_flip_are_keyed_per_sample():
     assert torch.equal(RandomShift(4, 0, flip=True).keyed(images, keys[7:8])[0], augmented[7])  # batch-independent
 
 
+@pytest.mark.unit
 def test_mnist_is_uint8_in_memory_and_normalized_on_the_device(tmp_path):
     from conftest import write_fake_mnist
     from torchvision.transforms import v2
@@ -347,6 +371,7 @@ def test_mnist_is_uint8_in_memory_and_normalized_on_the_device(tmp_path):
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, data.inputs_to_device(images))
 
 
+@pytest.mark.multiprocess
 def test_a_dataset_is_downloaded_by_rank_0_first_then_once_per_node(tmp_path):
     import json
     import subprocess

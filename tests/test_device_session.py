@@ -10,7 +10,10 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import REPO, cli_env
+
+pytestmark = pytest.mark.system
 
 CHECKS = ["fsdp_sgd", "fsdp_adamw", "async_checkpoint", "find_batch_oom", "fsdp_cpu_offload_2_ranks", "ddp_2_ranks",
           "nccl_bf16", "nccl_fp16", "resnet50", "gpt2_small_eager", "gpt2_small_compiled"]  # fmt: skip

@@ -53,6 +53,7 @@ def _huge_pages_always() -> bool:
     return thp.is_file() and "[always]" in thp.read_text()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
 def test_retained_host_memory_is_reused_without_page_faults():
     default, retained = _faults_per_round("default"), _faults_per_round("retain")
@@ -70,6 +71,7 @@ def _gpus(monkeypatch, count: int) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
+@pytest.mark.unit
 def test_each_local_rank_gets_its_own_gpu_and_never_shares_one(monkeypatch):
     _gpus(monkeypatch, 2)
     assert select_device(1, local_world_size=2) == torch.device("cuda", 1)
@@ -83,6 +85,7 @@ def test_each_local_rank_gets_its_own_gpu_and_never_shares_one(monkeypatch):
     assert select_device(3, local_world_size=4) == torch.device("cpu")
 
 
+@pytest.mark.unit
 def test_over_gloo_ranks_may_share_a_gpu(monkeypatch):
     """parallel.backend=gloo: 2 ranks on a workstation's one GPU (NCCL refuses a shared GPU)."""
     _gpus(monkeypatch, 1)
@@ -92,6 +95,7 @@ def test_over_gloo_ranks_may_share_a_gpu(monkeypatch):
     assert backend_for(torch.device("cuda", 0), "gloo") == "gloo"
 
 
+@pytest.mark.unit
 def test_cuda_process_groups_carry_cpu_tensors_too():
     # FSDP's CPU offload reduces CPU gradient shards over the default group.
     assert backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
@@ -99,6 +103,7 @@ def test_cuda_process_groups_carry_cpu_tensors_too():
     torch.distributed.Backend("cpu:gloo,cuda:nccl")  # a backend string torch accepts
 
 
+@pytest.mark.unit
 def test_fsdp_over_gloo_needs_torch_2_8(monkeypatch):
     """torch 2.7's gloo reduce-scatter summed what FSDP asked to average: refused on older torch."""
     import dist_train.parallel as parallel
@@ -116,6 +121,7 @@ def test_fsdp_over_gloo_needs_torch_2_8(monkeypatch):
     parallel.check_backend(fsdp, cuda=False)
 
 
+@pytest.mark.unit
 def test_cuda_math_settings():
     from dist_train.config import TrainConfig
 
@@ -134,6 +140,7 @@ def test_cuda_math_settings():
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
 
 
+@pytest.mark.unit
 def test_channels_last_is_for_images_and_by_default_on_cuda():
     cuda, cpu, image, tokens = torch.device("cuda", 0), torch.device("cpu"), (3, 32, 32), (128,)
     assert use_channels_last("auto", cuda, image) and not use_channels_last("auto", cpu, image)

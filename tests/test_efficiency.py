@@ -8,6 +8,8 @@ import torch
 from dist_train.efficiency import device_memory, flops_per_token, mfu, param_and_optimizer_bytes, peak_flops
 from dist_train.gpt import GPT
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "name, tflops",

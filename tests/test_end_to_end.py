@@ -73,6 +73,7 @@ def _losses(rows: list[dict], step_key: str) -> dict[int, float]:
     return {row[step_key]: row["loss"] for row in rows if "loss" in row}
 
 
+@pytest.mark.system
 def test_two_process_launch_writes_one_run(first):
     assert first.proc.returncode == 0, first.output
     commands = [line for line in first.proc.stdout.splitlines() if line.startswith("+ ")]
@@ -115,6 +116,7 @@ def test_two_process_launch_writes_one_run(first):
     assert history == pytest.approx(metrics, rel=1e-6)
 
 
+@pytest.mark.system
 def test_resume_continues_the_same_run(first, resumed):
     assert resumed.proc.returncode == 0, resumed.output
     assert "resumed from" in resumed.proc.stdout + resumed.proc.stderr, resumed.output
@@ -149,6 +151,7 @@ def test_resume_continues_the_same_run(first, resumed):
     assert old_history == pytest.approx({s: metrics[s] for s in (2, 4, 6, 8)}, rel=1e-6)
 
 
+@pytest.mark.system
 def test_bad_override_fails_before_any_worker_starts(tmp_path):
     proc = run_cli(*LAUNCH, *tiny_overrides(tmp_path, **{"optim.lr": -1}), cwd=REPO)
     assert proc.returncode != 0
@@ -168,6 +171,7 @@ WRITE_BIG_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.multiprocess
 def test_offline_reader_reassembles_records_across_blocks(tmp_path):
     # The job's run files stay inside the first 32 KiB block; this one has records that straddle
     # block boundaries and 70 KB records split into first/middle/last fragments.
@@ -194,6 +198,7 @@ def test_offline_reader_reassembles_records_across_blocks(tmp_path):
         read_records(broken)
 
 
+@pytest.mark.system
 def test_the_wandb_api_key_is_never_written_and_nothing_is_world_writable(tmp_path):
     import stat
 

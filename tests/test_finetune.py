@@ -105,6 +105,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- transfer
 
 
+@pytest.mark.system
 def test_pretrained_features_transfer_to_new_classes(tmp_path, pretrained, capsys):
     """Digits 6-9 from 10 examples each, 20 steps at lr 0.01, three seeds, validated on the other
     674 images of 6-9: fine-tuning from the export of a 0-5 run beats the same run from scratch.
@@ -148,6 +149,7 @@ def test_pretrained_features_transfer_to_new_classes(tmp_path, pretrained, capsy
     assert init_acc > scratch_acc + 0.05, runs
 
 
+@pytest.mark.system
 def test_init_from_a_run_directory_or_a_checkpoint_takes_its_newest_weights(pretrained):
     run_dir, _ = pretrained
     newest = checkpoint.latest_valid(run_dir / "checkpoints")
@@ -164,6 +166,7 @@ def test_init_from_a_run_directory_or_a_checkpoint_takes_its_newest_weights(pret
         assert torch.equal(model.classifier[5].weight, fresh_head)
 
 
+@pytest.mark.system
 def test_init_from_mistakes_are_one_line_errors(tmp_path, pretrained, monkeypatch):
     run_dir, exported = pretrained
     spec = DataSpec((1, 8, 8), 4)
@@ -200,6 +203,7 @@ def test_init_from_mistakes_are_one_line_errors(tmp_path, pretrained, monkeypatc
 # --------------------------------------------------------------------------- freeze, lr_multipliers
 
 
+@pytest.mark.system
 def test_frozen_weights_stay_bit_identical_while_the_rest_learns(tmp_path, pretrained, capsys):
     _, exported = pretrained
     train, val = _digits(range(6, 10), per_class=10)
@@ -233,6 +237,7 @@ def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tup
     return [([names[id(p)] for p in g["params"]], g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
 
 
+@pytest.mark.unit
 def test_lr_multipliers_give_each_prefix_its_own_groups(capsys):
     model = _resnet_like()
     freeze_line = prepare_model(model, ModelConfig(freeze=["stem.0"]), resuming=False)
@@ -279,6 +284,7 @@ def test_lr_multipliers_give_each_prefix_its_own_groups(capsys):
         prepare_model(_resnet_like(), ModelConfig(freeze=["stem", "layer1", "layer10", "head"]), resuming=False)
 
 
+@pytest.mark.system
 def test_names_are_the_users_through_ddp_and_torch_compile(tmp_path):
     """DDP's wrapper adds `module.`, torch.compile `_orig_mod.`: prefixes still match."""
     cfg = OptimConfig(lr=0.1, lr_multipliers={"head.1": 3.0})
@@ -304,6 +310,7 @@ def test_names_are_the_users_through_ddp_and_torch_compile(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.unit
 def test_freeze_batchnorm_keeps_running_statistics_in_training_mode():
     model = _resnet_like()
     batchnorm = model.stem[1]
@@ -322,6 +329,7 @@ def test_freeze_batchnorm_keeps_running_statistics_in_training_mode():
 # --------------------------------------------------------------------------- resume
 
 
+@pytest.mark.system
 def test_a_fine_tune_resumes_exactly_without_reloading_and_refuses_another_freeze(tmp_path, pretrained, capsys):
     _, exported = pretrained
     init = tmp_path / "start.safetensors"
@@ -360,6 +368,7 @@ def _data(train: TensorDataset, val: TensorDataset) -> dict:
     return {"train_data": train, "val_data": val}
 
 
+@pytest.mark.unit
 def test_checkpoints_from_before_fine_tuning_resume_with_the_defaults():
     cfg = load_config("configs/digits.yaml", ["train.max_steps=10"])
     saved = to_dict(cfg)
@@ -404,6 +413,7 @@ def _finetune_cli(tmp_path: Path, torch_home: Path, *overrides: str) -> subproce
     )
 
 
+@pytest.mark.system
 def test_the_resnet50_config_reads_torchvision_weights_from_the_cache_only(tmp_path):
     missing = _finetune_cli(tmp_path, tmp_path / "empty_home")
     expected = tmp_path / "empty_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
@@ -442,6 +452,7 @@ def test_the_resnet50_config_reads_torchvision_weights_from_the_cache_only(tmp_p
     assert not torch.equal(final["layer4.1.conv2.weight"], pretrained["layer4.1.conv2.weight"])
 
 
+@pytest.mark.system
 def test_init_from_and_freeze_under_fsdp_on_two_ranks_equal_one_process(tmp_path, monkeypatch):
     """FSDP2 shards a model with frozen parameters (2 gloo ranks under torchrun). tests/api_script.py
     seeds its model per rank; it starts from a file whose head has 5 outputs, not 3: the frozen

@@ -13,6 +13,8 @@ from conftest import REPO, cli_env, final_model, launch_gpt, logged, metrics_rec
 
 from dist_train import checkpoint
 
+pytestmark = pytest.mark.system
+
 GPT = {
     "data.dataset": "text",
     "data.seq_len": 32,

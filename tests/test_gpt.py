@@ -16,6 +16,7 @@ from dist_train.models import build_model
 from dist_train.trainer import train
 
 
+@pytest.mark.unit
 def test_gpt_shapes_tied_embeddings_and_init():
     torch.manual_seed(0)
     model = GPT(vocab_size=256, context=16, n_layer=3, n_head=2, width=32)
@@ -27,6 +28,7 @@ def test_gpt_shapes_tied_embeddings_and_init():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
+@pytest.mark.unit
 def test_gpt_is_causal():
     torch.manual_seed(0)
     model = GPT(vocab_size=256, context=12, n_layer=2, n_head=2, width=16).eval()
@@ -38,12 +40,14 @@ def test_gpt_is_causal():
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
+@pytest.mark.unit
 def test_flops_per_token_is_six_n_plus_attention():
     model = GPT(vocab_size=256, context=64, n_layer=2, n_head=4, width=64)
     n = sum(p.numel() for p in model.parameters()) - 64 * 64  # position embeddings do no matmuls
     assert model.flops_per_token() == 6 * n + 12 * 2 * 64 * 64
 
 
+@pytest.mark.unit
 def test_text_splits_by_file_and_shifts_targets(tmp_path):
     paths = write_text_corpus(tmp_path)
     data = build_datasets(DataConfig(dataset="text", paths=paths, seq_len=16, val_fraction=0.34))
@@ -58,6 +62,7 @@ def test_text_splits_by_file_and_shifts_targets(tmp_path):
     assert b"def f" in train_bytes and not set(train_bytes.split(b"\0")) & set(val_bytes.split(b"\0"))
 
 
+@pytest.mark.unit
 def test_text_errors(tmp_path):
     with pytest.raises(DataError, match="matched no files"):
         build_datasets(DataConfig(dataset="text", paths=[str(tmp_path / "none*.txt")]))
@@ -68,12 +73,14 @@ def test_text_errors(tmp_path):
         build_model(ModelConfig(name="gpt"), build_datasets(DataConfig(dataset="digits")).spec)
 
 
+@pytest.mark.unit
 def test_default_corpus_is_the_standard_library():
     files = stdlib_sources()
     assert len(files) > 100 and any(f.name == "os.py" for f in files)
     assert not any("site-packages" in f.parts for f in files)
 
 
+@pytest.mark.system
 def test_gpt_learns_below_the_unigram_baseline(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     paths = write_text_corpus(tmp_path / "corpus")

@@ -56,6 +56,7 @@ def uninterrupted(tmp_path_factory):
     return root, stdout
 
 
+@pytest.mark.system
 def test_hsdp_matches_ddp_and_fsdp_step_by_step(uninterrupted):
     root, stdout = uninterrupted
     assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in stdout["hsdp"]
@@ -80,6 +81,7 @@ def test_hsdp_matches_ddp_and_fsdp_step_by_step(uninterrupted):
     assert 1.6 * state_mb["fsdp"] < state_mb["hsdp"] < 2.4 * state_mb["fsdp"], state_mb
 
 
+@pytest.mark.system
 def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
     # 4 -> 2 -> 2 -> 4 processes, each segment 2 steps of the same global batch of 16, each
     # resuming the previous one's checkpoint: HSDP 2x2, FSDP on 2 (accumulating 2 micro-batches),
@@ -121,6 +123,7 @@ def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
     assert "state.blocks.0.attn.qkv.weight.exp_avg" in optim  # keyed by parameter name, gathered whole
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "nproc, overrides, message",
     [
@@ -139,6 +142,7 @@ def test_bad_replicate_degrees_are_refused_in_one_line(tmp_path, nproc, override
     assert not (tmp_path / "runs").exists()  # refused before any worker started
 
 
+@pytest.mark.unit
 def test_mesh_shape_per_node_and_refusals():
     fsdp = ParallelConfig(strategy="fsdp", replicate_degree="auto")
     assert mesh_shape(fsdp, 16, 8) == {"dp_replicate": 2, "dp_shard": 8}  # one replica per node
@@ -148,6 +152,7 @@ def test_mesh_shape_per_node_and_refusals():
         mesh_shape(fsdp, 12, 8)
 
 
+@pytest.mark.system
 def test_auto_is_one_replica_per_node_of_two_node_agents(tmp_path):
     # Two torchrun agents of 2 processes each rendezvous on this machine, as two nodes would.
     values = {"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto", "train.max_steps": 2}

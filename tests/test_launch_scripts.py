@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 from conftest import REPO, cli_env, tiny_overrides, two_node_agents
 
 from dist_train import checkpoint
+
+pytestmark = pytest.mark.system
 
 
 def test_two_node_agents_train_one_job(tmp_path):

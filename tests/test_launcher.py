@@ -44,24 +44,29 @@ def _torchrun_args(cmd: list[str]):
 # --------------------------------------------------------------------------- resolve_nproc
 
 
+@pytest.mark.unit
 def test_auto_is_one_on_a_cpu_machine(no_gpu):
     assert resolve_nproc("auto") == 1
 
 
+@pytest.mark.unit
 def test_auto_on_this_machine():
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     assert resolve_nproc("auto") == max(gpus, 1)
 
 
+@pytest.mark.unit
 def test_auto_is_the_visible_gpus(two_gpus):
     assert resolve_nproc("auto") == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value, expected", [("1", 1), ("2", 2), ("8", 8), (" 3 ", 3)])
 def test_numbers_on_cpu(no_gpu, value, expected):
     assert resolve_nproc(value) == expected  # CPU workers are not capped by a GPU count
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "", "2.0", "auto2", "AUTO"])
 def test_bad_nproc(no_gpu, value):
     with pytest.raises(UserError) as info:
@@ -70,6 +75,7 @@ def test_bad_nproc(no_gpu, value):
     assert "--nproc-per-node" in message and len(message.splitlines()) == 1
 
 
+@pytest.mark.unit
 def test_more_workers_than_gpus(two_gpus):
     assert resolve_nproc("2") == 2
     with pytest.raises(UserError, match="--nproc-per-node 3 is more than the 2 GPUs"):
@@ -80,6 +86,7 @@ def test_more_workers_than_gpus(two_gpus):
 # --------------------------------------------------------------------------- torchrun_command
 
 
+@pytest.mark.unit
 def test_single_node_command(no_gpu):
     cmd = torchrun_command(CONFIG, OVERRIDES, LaunchOptions(nproc_per_node="2"))
     assert cmd[:3] == TORCHRUN
@@ -95,6 +102,7 @@ def test_single_node_command(no_gpu):
     assert args.training_script_args == ["train", CONFIG, *OVERRIDES]
 
 
+@pytest.mark.unit
 def test_default_options_use_auto(no_gpu):
     opts = LaunchOptions()
     assert (opts.nproc_per_node, opts.nnodes, opts.node_rank, opts.max_restarts) == ("auto", 1, 0, 0)
@@ -103,6 +111,7 @@ def test_default_options_use_auto(no_gpu):
     assert cmd[-4:] == ["-m", "dist_train.cli", "train", CONFIG]
 
 
+@pytest.mark.unit
 def test_multi_node_command(no_gpu):
     opts = LaunchOptions(
         nproc_per_node="2", nnodes=3, node_rank=2, rdzv_endpoint="10.0.0.1:29500", rdzv_id="job7", max_restarts=4
@@ -128,6 +137,7 @@ def test_multi_node_command(no_gpu):
     assert args.training_script_args == ["train", CONFIG, *OVERRIDES]
 
 
+@pytest.mark.unit
 def test_one_node_with_an_endpoint_uses_the_rendezvous(no_gpu):
     cmd = torchrun_command(CONFIG, [], LaunchOptions(nproc_per_node="1", rdzv_endpoint="127.0.0.1:29400"))
     assert "--standalone" not in cmd
@@ -135,6 +145,7 @@ def test_one_node_with_an_endpoint_uses_the_rendezvous(no_gpu):
     _torchrun_args(cmd)
 
 
+@pytest.mark.unit
 def test_torchrun_flags_come_before_the_module(no_gpu):
     opts = LaunchOptions(nproc_per_node="1", nnodes=2, node_rank=1, rdzv_endpoint="h:1")
     cmd = torchrun_command(CONFIG, ["--weird=1"], opts)
@@ -144,12 +155,14 @@ def test_torchrun_flags_come_before_the_module(no_gpu):
     assert cmd[module_at + 1 :] == ["train", CONFIG, "--weird=1"]  # overrides are passed through untouched
 
 
+@pytest.mark.unit
 def test_overrides_keep_their_order(no_gpu):
     overrides = [f"k{i}=v{i}" for i in range(10)][::-1]
     cmd = torchrun_command(CONFIG, overrides, LaunchOptions(nproc_per_node="1"))
     assert cmd[-10:] == overrides
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "opts, needle",
     [
@@ -199,6 +212,7 @@ def _cfg(*overrides: str):
     return load_config(CONFIG, list(overrides))
 
 
+@pytest.mark.unit
 def test_launch_prints_and_runs_the_command(no_gpu, fake_torchrun, capsys):
     opts = LaunchOptions(nproc_per_node="2")
     assert launcher.launch(_cfg(*OVERRIDES), CONFIG, OVERRIDES, opts) == 0
@@ -211,6 +225,7 @@ def test_launch_prints_and_runs_the_command(no_gpu, fake_torchrun, capsys):
     assert [args.training_script, *args.training_script_args] == ["dist_train.cli", "train", CONFIG, *OVERRIDES]
 
 
+@pytest.mark.unit
 def test_launch_passes_on_the_failed_worker_exit_code(no_gpu, monkeypatch, capsys):
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -225,12 +240,14 @@ def test_launch_passes_on_the_failed_worker_exit_code(no_gpu, monkeypatch, capsy
     assert err == ["error: worker rank 0 exited with code 2; its message is above"]
 
 
+@pytest.mark.unit
 def test_launch_refuses_fp16_without_gpu(no_gpu, fake_torchrun):
     with pytest.raises(UserError, match="train.precision"):
         launcher.launch(_cfg("train.precision=fp16"), CONFIG, [], LaunchOptions(nproc_per_node="1"))
     assert fake_torchrun == []  # refused before torchrun was started
 
 
+@pytest.mark.unit
 def test_launch_checks_options_before_starting(no_gpu, fake_torchrun):
     with pytest.raises(UserError):
         launcher.launch(_cfg(), CONFIG, [], LaunchOptions(nproc_per_node="1", nnodes=2))
@@ -242,6 +259,7 @@ def test_launch_checks_options_before_starting(no_gpu, fake_torchrun):
 # --------------------------------------------------------------------------- real torchrun
 
 
+@pytest.mark.system
 def test_launch_one_worker_tiny_run(tmp_path):
     overrides = tiny_overrides(tmp_path)
     proc = run_cli("launch", CONFIG, "--nproc-per-node", "1", *overrides, cwd=REPO, timeout=240)
@@ -259,6 +277,7 @@ def test_launch_one_worker_tiny_run(tmp_path):
     assert (tmp_path / "runs" / "digits" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.system
 def test_launch_worker_side_mistake_is_one_line(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"checkpoint.resume": "/does/not/exist"})
     proc = run_cli("launch", CONFIG, "--nproc-per-node", "1", *overrides, cwd=REPO, timeout=240)
@@ -271,6 +290,7 @@ def test_launch_worker_side_mistake_is_one_line(tmp_path):
     assert "checkpoint.resume" in lines[0] and "/does/not/exist" in lines[0], output
 
 
+@pytest.mark.system
 def test_launch_mistake_only_a_worker_sees_has_no_traceback(tmp_path):
     # Only a worker knows the dataset size: its one-line error, then launch's, and the worker's exit code.
     proc = run_cli(
@@ -289,6 +309,7 @@ def test_launch_mistake_only_a_worker_sees_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: worker rank 0 exited with code 2; its message is above"
 
 
+@pytest.mark.system
 def test_two_workers_with_the_same_mistake_print_it_once_and_no_omp_banner(tmp_path):
     # Both ranks find the dataset smaller than one global batch. OMP_NUM_THREADS is left unset,
     # as users leave it: launch sets it, so torchrun's warning banner must not appear.
@@ -310,12 +331,14 @@ def test_two_workers_with_the_same_mistake_print_it_once_and_no_omp_banner(tmp_p
     assert f"{max(1, cpus // 2)} OpenMP thread(s) each" in proc.stdout, output
 
 
+@pytest.mark.unit
 def test_omp_threads_share_the_cpus_unless_the_user_set_them():
     assert worker_env.omp_threads_env({}, 16, 4) == {"OMP_NUM_THREADS": "4"}
     assert worker_env.omp_threads_env({}, 2, 4) == {"OMP_NUM_THREADS": "1"}
     assert worker_env.omp_threads_env({"OMP_NUM_THREADS": "3"}, 16, 4) == {}
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_stop_signal_to_launch_checkpoints_exits_75_and_the_same_command_continues(tmp_path, sig):
     import json
@@ -347,6 +370,7 @@ def test_a_stop_signal_to_launch_checkpoints_exits_75_and_the_same_command_conti
     assert checkpoint.list_checkpoints(run_dir / "checkpoints")[-1].name == "step_00001000"
 
 
+@pytest.mark.system
 def test_a_killed_worker_is_restarted_and_the_run_finishes_as_if_uninterrupted(tmp_path):
     import subprocess
     import time
@@ -388,12 +412,14 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_as_if_uninterrupted(t
         assert torch.equal(final["crashed"][key], tensor), key
 
 
+@pytest.mark.system
 def test_the_launcher_never_imports_training_code():
     probe = "import sys, dist_train.cli, dist_train.launcher; print('dist_train.trainer' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, cwd=REPO)
     assert proc.stdout.strip() == "False", proc.stderr
 
 
+@pytest.mark.unit
 def test_the_worker_that_failed_by_itself_is_reported_not_one_torchrun_terminated():
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
@@ -406,6 +432,7 @@ def test_the_worker_that_failed_by_itself_is_reported_not_one_torchrun_terminate
     assert launcher.root_cause({3: terminated, 0: terminated}) == (0, terminated)
 
 
+@pytest.mark.unit
 def test_a_worker_verb_given_nproc_per_node_starts_itself_through_torchrun(no_gpu, fake_torchrun, capsys):
     from dist_train import cli
 

@@ -24,6 +24,8 @@ from dist_train.config import DataConfig
 from dist_train.data import build_datasets
 from dist_train.models import MLP
 
+pytestmark = pytest.mark.system
+
 DIGITS = str(REPO / "configs" / "digits.yaml")
 VAL_SIZE = 359
 COUNTED = ("acc", "top5", "precision", "recall", "f1")  # from counts: equal to the last bit

@@ -9,6 +9,8 @@ from dist_train.config import ConfigError, ModelConfig
 from dist_train.data import DataSpec
 from dist_train.models import SeedCNN, build_model
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 @pytest.mark.parametrize("name", ["seed_cnn", "mlp", "resnet18"])

@@ -11,6 +11,8 @@ from torch import nn
 from dist_train.config import OptimConfig, ScheduleConfig
 from dist_train.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
 
+pytestmark = pytest.mark.unit
+
 
 def _model():
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2), nn.LayerNorm(2))

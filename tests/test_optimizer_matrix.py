@@ -44,6 +44,7 @@ def _expected_refusal(cell: dict) -> str | None:
     return None
 
 
+@pytest.mark.multiprocess
 def test_every_cell_trains_or_is_refused_in_one_line(matrix):
     assert len(matrix) == 3 * 5 * 3 * 3 * 2  # optimizers, strategies, fused, precisions, devices
     crashed = [cell for cell in matrix if cell["outcome"] == "crashed"]
@@ -61,6 +62,7 @@ def test_every_cell_trains_or_is_refused_in_one_line(matrix):
             assert ("fused optimizer" in cell["start_line"]) is cell["runs_fused"], cell
 
 
+@pytest.mark.multiprocess
 def test_auto_fuses_on_a_gpu_wherever_the_kernel_runs(matrix):
     for cell in matrix:
         if cell["fused"] == "auto" and cell["outcome"] == "trained":
@@ -72,6 +74,7 @@ def test_auto_fuses_on_a_gpu_wherever_the_kernel_runs(matrix):
     assert {c["outcome"] for c in fsdp_sgd if c["precision"] != "fp16"} == {"trained"}
 
 
+@pytest.mark.multiprocess
 def test_fused_and_unfused_kernels_and_every_strategy_learn_the_same(matrix):
     """Same data and seed: the loss after one update depends on the optimizer, the precision and
     the global batch (one process trains half of two's) only."""
@@ -88,6 +91,7 @@ def test_fused_and_unfused_kernels_and_every_strategy_learn_the_same(matrix):
     assert len({round(by_run[(name, "fp32", 2)][0], 6) for name in ("sgd", "adam", "adamw")}) == 3
 
 
+@pytest.mark.system
 def test_launch_refuses_fsdp_with_fused_sgd_before_starting_a_worker(tmp_path):
     proc = run_cli(
         "launch", "configs/digits.yaml", "--nproc-per-node", "2", "parallel.strategy=fsdp", "optim.fused=true",

@@ -40,6 +40,7 @@ def _launch(tmp_path, nproc, name, **overrides):
     return proc
 
 
+@pytest.mark.system
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
     _launch(tmp_path, 1, "one", **{"data.batch_size": 32})
     _launch(tmp_path, 2, "two", **{"data.batch_size": 16})
@@ -58,6 +59,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
     assert {p.name for p in saved.iterdir()} >= {"rng_rank0.pt", "rng_rank1.pt", "train_state.pt", "manifest.json"}
 
 
+@pytest.mark.system
 def test_strategy_none_refuses_several_processes(tmp_path):
     proc = run_cli(
         "launch",
@@ -71,6 +73,7 @@ def test_strategy_none_refuses_several_processes(tmp_path):
     assert "parallel.strategy=none cannot train with 2 processes" in proc.stderr
 
 
+@pytest.mark.unit
 def test_one_process_trains_ddp_as_none():
     env = DistEnv(0, 0, 1, torch.device("cpu"))
     model = torch.nn.Linear(2, 2)
@@ -80,6 +83,7 @@ def test_one_process_trains_ddp_as_none():
     assert isinstance(build_strategy(ParallelConfig(strategy="ddp"), DistEnv(0, 0, 2, torch.device("cpu"))), DDP)
 
 
+@pytest.mark.system
 def test_two_rank_resume_is_bitwise_exact(tmp_path):
     # Stop mid-epoch with accumulation on 2 ranks, resume, and compare with an uninterrupted run.
     run = {"data.batch_size": 8, "train.grad_accum_steps": 2, "train.max_steps": 6, "optim.momentum": 0.9}
@@ -92,6 +96,7 @@ def test_two_rank_resume_is_bitwise_exact(tmp_path):
         assert torch.equal(straight[key], resumed[key]), key
 
 
+@pytest.mark.unit
 def test_fsdp_needs_a_process_group_and_no_fp16():
     import pytest
 
@@ -126,6 +131,7 @@ def _grads_and_saved_bytes(model, tokens):
     return {name: p.grad.clone() for name, p in model.named_parameters()}, sum(saved)
 
 
+@pytest.mark.unit
 def test_activation_checkpointing_keeps_gradients_and_saves_memory():
     tokens = torch.randint(0, 64, (4, 16))
     plain_grads, plain_bytes = _grads_and_saved_bytes(_tiny_gpt(), tokens)
@@ -137,6 +143,7 @@ def test_activation_checkpointing_keeps_gradients_and_saves_memory():
     assert kept_bytes < 0.5 * plain_bytes
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile's CPU backend needs a C compiler (cc)")
 def test_compiled_blocks_match_eager():
     tokens = torch.randint(0, 64, (4, 16))
@@ -148,6 +155,7 @@ def test_compiled_blocks_match_eager():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.system
 def test_an_epoch_split_over_2_then_1_then_2_ranks_sees_every_sample_once(tmp_path):
     # 256 synthetic samples, global batch 16 (2 x 8, or 1 x 8 x 2 accumulation): 16 steps per
     # epoch. Three invocations on 2, 1 and 2 processes stop at steps 5 and 11 and end at 16.
@@ -175,6 +183,7 @@ def test_an_epoch_split_over_2_then_1_then_2_ranks_sees_every_sample_once(tmp_pa
     assert sorted(seen) == list(range(256))  # every sample of the epoch exactly once
 
 
+@pytest.mark.system
 def test_a_rank_that_stops_participating_fails_the_others_within_the_timeout(tmp_path):
     import time
 
@@ -212,6 +221,7 @@ def two_rank_findings(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.multiprocess
 def test_fsdp_keeps_the_root_gathered_and_gathers_once_per_micro_batch(two_rank_findings):
     found = two_rank_findings["fsdp_gathers"]
     # The root (embedding, head) stays gathered from forward to backward; blocks reshard.
@@ -222,6 +232,7 @@ def test_fsdp_keeps_the_root_gathered_and_gathers_once_per_micro_batch(two_rank_
     assert found["per_micro_batch"] == [5, 2, 5, 2]
 
 
+@pytest.mark.multiprocess
 def test_fsdp_bf16_keeps_batchnorm_in_fp32_and_trains_like_autocast(two_rank_findings):
     found = two_rank_findings["fsdp_bf16_batchnorm"]
     assert found["fsdp_weight_dtypes"] == {"Conv2d": "torch.bfloat16", "FSDPBatchNorm2d": "torch.float32"}
@@ -229,6 +240,7 @@ def test_fsdp_bf16_keeps_batchnorm_in_fp32_and_trains_like_autocast(two_rank_fin
     torch.testing.assert_close(found["fsdp_losses"], found["autocast_losses"], rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.multiprocess
 def test_ddp_zeroes_bucket_gradients_in_place_and_averages_them_right(two_rank_findings):
     for rank in two_rank_findings["ddp"]:
         assert rank["is_ddp"] == "DistributedDataParallel"
@@ -237,6 +249,7 @@ def test_ddp_zeroes_bucket_gradients_in_place_and_averages_them_right(two_rank_f
         assert rank["max_gradient_error"] < 1e-6  # nothing left over from the step before
 
 
+@pytest.mark.multiprocess
 def test_find_batch_frees_its_trial_model_optimizer_and_wrapper(two_rank_findings):
     """Before the real model is built: FSDP's states hold its trial model in reference cycles,
     which lived on (until the next collection) before the search released them."""

@@ -33,6 +33,7 @@ def _plan(cfg, world: int = 1):
     return make_plan(cfg, env, SingleProcess(), load_datasets(cfg.data, env), UserParts())
 
 
+@pytest.mark.unit
 def test_the_plan_derives_batch_steps_and_the_end_once(tmp_path):
     # digits: 1,438 training samples. train.global_batch=64 over 2 ranks of 16: 2 accumulation steps.
     overrides = {"train.global_batch": 64, "train.max_epochs": 3, "train.max_steps": None, "train.stop_at_step": 50}
@@ -46,6 +47,7 @@ def test_the_plan_derives_batch_steps_and_the_end_once(tmp_path):
         plan.batch.accum = 3  # frozen as well
 
 
+@pytest.mark.system
 def test_a_run_records_the_config_as_written_and_the_plan_as_it_ran(tmp_path):
     cfg = load_config("configs/digits.yaml", tiny_overrides(tmp_path, **{"train.global_batch": 32}))
     result = train(cfg)

@@ -19,7 +19,8 @@ from dist_train.export import export
 SOURCE_STEPS = 12
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny, the machine busy
+# conftest: the models are tiny, the machine busy
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.system]
 
 
 def _overrides(root: Path, **extra: object) -> list[str]:

@@ -44,6 +44,7 @@ def _accuracy(model: torch.nn.Module, inputs: list[torch.Tensor], targets: list[
     return right / sum(len(y) for y in targets)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only", "int8-static"])
 def test_quantize_writes_a_loadable_model_and_a_report_with_its_true_numbers(digits_run, tmp_path, method, capsys):
     out, source, config = tmp_path / "q", digits_run, None
@@ -82,6 +83,7 @@ def test_quantize_writes_a_loadable_model_and_a_report_with_its_true_numbers(dig
     assert method in table and table in capsys.readouterr().out
 
 
+@pytest.mark.system
 def test_a_result_losing_too_much_accuracy_is_flagged_and_written_only_with_force(digits_run, tmp_path, capsys):
     out = tmp_path / "q"
     # A negative allowance flags any result that does not gain accuracy; the original never is.
@@ -94,6 +96,7 @@ def test_a_result_losing_too_much_accuracy_is_flagged_and_written_only_with_forc
     assert "drop > -1" in (out / "compress_report.md").read_text()
 
 
+@pytest.mark.system
 def test_bad_inputs_are_one_line_and_write_nothing(digits_run, tmp_path):
     import safetensors.torch
     from user_models import conv_only, data_dependent
@@ -135,6 +138,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(digits_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.unit
 def test_int8_static_quantizes_a_residual_block_that_calls_one_relu_twice():
     """torchvision's ResNet blocks call one nn.ReLU twice; PT2E grouped both calls into one
     partition, which X86InductorQuantizer refused. Now every convolution gets int8 weights, kept

@@ -17,6 +17,8 @@ import dist_train
 from dist_train.cli import main
 from dist_train.report import default_out, load_runs
 
+pytestmark = pytest.mark.system
+
 DIGITS = str(REPO / "configs" / "digits.yaml")
 JOB = {
     "train.max_steps": 30,

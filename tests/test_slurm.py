@@ -22,6 +22,7 @@ from dist_train.launcher import LaunchOptions, from_slurm, torchrun_command
 from dist_train.slurm import detect, expand_hostlist
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "hostlist, hosts",
     [
@@ -40,6 +41,7 @@ def _step_env(**extra):
     return {**env, "SLURM_STEP_ID": "0", **extra}
 
 
+@pytest.mark.unit
 def test_an_srun_step_on_two_nodes_sets_the_launch_flags():
     step = detect(_step_env())
     assert (step.nnodes, step.node_rank, step.first_host) == (2, 1, "gpu07")
@@ -54,6 +56,7 @@ def test_an_srun_step_on_two_nodes_sets_the_launch_flags():
     assert kept.rdzv_id == "mine" and kept.node_rank == 1
 
 
+@pytest.mark.unit
 def test_rendezvous_ports_stay_out_of_the_ephemeral_and_privileged_ranges():
     # Linux hands ports from 32768-60999 to outgoing connections; ports below 1024 need root.
     ports = {detect(_step_env(SLURM_JOB_ID=str(job))).rdzv_port for job in [*range(0, 50000, 7), 999999, 2**31 - 1]}
@@ -62,12 +65,14 @@ def test_rendezvous_ports_stay_out_of_the_ephemeral_and_privileged_ranges():
     assert detect(_step_env(SLURM_JOB_ID="123_4")).rdzv_port < 32768  # array jobs: digits only
 
 
+@pytest.mark.unit
 def test_one_node_or_no_slurm_changes_nothing():
     assert from_slurm(LaunchOptions(), set(), {}) == LaunchOptions()
     one_node = _step_env(SLURM_NNODES="1", SLURM_JOB_NODELIST="vm", SLURM_NODEID="0")
     assert from_slurm(LaunchOptions(), set(), one_node) == LaunchOptions()  # private standalone rendezvous
 
 
+@pytest.mark.unit
 def test_launching_from_the_batch_script_of_a_multi_node_job_is_refused():
     batch_host = {k: v for k, v in _step_env().items() if k != "SLURM_STEP_ID"}
     with pytest.raises(UserError, match="srun --ntasks-per-node=1"):
@@ -134,6 +139,7 @@ def _finished(job_id):
 STEPS = ["train.max_steps=1500", "train.log_every=10", "checkpoint.every_steps=1000"]
 
 
+@pytest.mark.system
 def test_a_job_completes_and_a_warned_job_requeues_and_resumes_exactly(cluster, tmp_path):
     straight = _submit(tmp_path, "straight", *STEPS)
     job = _wait_until(lambda: _finished(straight), 240, f"job {straight}")

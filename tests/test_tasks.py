@@ -23,6 +23,7 @@ def _evaluate(task, model, *batches) -> dict[str, float]:
     return evaluation.compute()
 
 
+@pytest.mark.unit
 def test_cross_entropy_with_label_smoothing_matches_torch_and_counts_tokens():
     task = build_task(TrainConfig(label_smoothing=0.1))
     logits, targets = torch.randn(4, 5, 7), torch.randint(0, 7, (4, 5))  # (batch, seq, vocab) tokens
@@ -37,6 +38,7 @@ def test_cross_entropy_with_label_smoothing_matches_torch_and_counts_tokens():
     assert values["val_acc"] == (logits.argmax(-1) == targets).sum().item() / 20
 
 
+@pytest.mark.unit
 def test_classes_get_top5_macro_scores_and_a_confusion_matrix_by_default(tmp_path):
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
@@ -68,6 +70,7 @@ def test_classes_get_top5_macro_scores_and_a_confusion_matrix_by_default(tmp_pat
     assert wide.save(tmp_path, "wide") == []
 
 
+@pytest.mark.unit
 def test_multilabel_bce_counts_every_label_and_thresholds_logits_at_zero():
     task = build_task(TrainConfig(loss="bce_with_logits"))
     logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 1.0, -0.5]])
@@ -82,6 +85,7 @@ def test_multilabel_bce_counts_every_label_and_thresholds_logits_at_zero():
     assert _evaluate(task, nn.Identity(), (torch.full((2, 3), 0.3), torch.ones(2, 3)))["val_acc"] == 1.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("name", "fn"), [("mse", F.mse_loss), ("l1", F.l1_loss)])
 def test_regression_losses_take_a_one_output_head_against_flat_targets(name, fn):
     task = build_task(TrainConfig(loss=name))
@@ -93,6 +97,7 @@ def test_regression_losses_take_a_one_output_head_against_flat_targets(name, fn)
     assert values["val_loss"] == pytest.approx(fn(outputs.squeeze(1), targets).item(), rel=1e-5)
 
 
+@pytest.mark.unit
 def test_a_model_may_return_its_own_loss():
     class WithLoss(nn.Module):
         def __init__(self):
@@ -110,6 +115,7 @@ def test_a_model_may_return_its_own_loss():
     assert values["val_acc"] == (model.linear(x).argmax(1) == y).sum().item() / 5
 
 
+@pytest.mark.unit
 def test_unknown_losses_and_metrics_are_config_errors():
     with pytest.raises(ConfigError, match="train.loss must be one of cross_entropy"):
         load_config(None, ["train.max_steps=1", "train.loss=hinge"])
@@ -129,6 +135,7 @@ def test_unknown_losses_and_metrics_are_config_errors():
         build_task(TrainConfig(loss="user_losses:nope"))
 
 
+@pytest.mark.system
 def test_a_user_loss_on_the_cli_trains_and_reports_only_the_metrics_asked_for(tmp_path):
     common = tiny_overrides(tmp_path, **{"train.loss": "tests.user_losses:cross_entropy_times_two"})
     proc = run_cli("train", "configs/digits.yaml", *common, "run.name=plain", cwd=REPO)
@@ -142,6 +149,7 @@ def test_a_user_loss_on_the_cli_trains_and_reports_only_the_metrics_asked_for(tm
     assert 0 <= evals[-1]["val_acc"] <= 1
 
 
+@pytest.mark.system
 def test_resuming_with_another_loss_is_a_one_line_error(tmp_path):
     assert run_cli("train", "configs/digits.yaml", *tiny_overrides(tmp_path), cwd=REPO).returncode == 0
     longer = tiny_overrides(tmp_path, **{"train.max_steps": 8, "train.loss": "mse"})

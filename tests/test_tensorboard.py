@@ -94,6 +94,7 @@ def _assert_same_scalars(log_dir: Path, run_dir: Path) -> dict[str, list[tuple[i
     return shown
 
 
+@pytest.mark.unit
 def test_the_sections_group_every_key_the_logger_writes():
     sections = {
         "loss": "loss/train",
@@ -119,6 +120,7 @@ def test_the_sections_group_every_key_the_logger_writes():
     assert {key: tensorboard_tag(key) for key in sections} == sections
 
 
+@pytest.mark.system
 def test_every_scalar_of_metrics_jsonl_is_in_tensorboard_at_its_step(resumed):
     shown = _assert_same_scalars(resumed.log_dir, resumed.run_dir)
     assert {"loss/train", "loss/val", "lr", "val/acc", "throughput/samples_per_s", "memory/param_optim_mb"} <= set(
@@ -128,6 +130,7 @@ def test_every_scalar_of_metrics_jsonl_is_in_tensorboard_at_its_step(resumed):
     assert [step for step, _, _ in shown["loss/val"]] == [4, 8, 12, 16]
 
 
+@pytest.mark.system
 def test_a_resume_after_a_crash_shows_each_step_once(resumed):
     first, second = _raw_events(resumed.log_dir)  # one event file per invocation
     written_first = [e.step for e in first for v in e.summary.value if v.tag == "loss/train"]
@@ -146,6 +149,7 @@ def test_a_resume_after_a_crash_shows_each_step_once(resumed):
     assert [value for step, value, _ in shown["loss/train"] if step == 14] == [resumed_14]
 
 
+@pytest.mark.system
 def test_the_hparams_carry_the_config_and_the_real_final_validation_metrics(resumed):
     accumulator = _accumulator(resumed.log_dir)
     content = {
@@ -186,6 +190,7 @@ def test_the_hparams_carry_the_config_and_the_real_final_validation_metrics(resu
     assert hparams_steps == [[], [16]]
 
 
+@pytest.mark.system
 def test_tensorboard_and_matplotlib_are_imported_only_when_used():
     # The GPU machines may have neither package: training and the CLI must not need them.
     code = (
@@ -200,6 +205,7 @@ def test_tensorboard_and_matplotlib_are_imported_only_when_used():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.system
 def test_two_ranks_write_one_event_stream_from_rank_0(tmp_path):
     job = {**JOB, "parallel.strategy": "ddp", "train.max_steps": 8, "checkpoint.every_steps": 0}
     proc = run_cli("launch", DIGITS, "--nproc-per-node", "2", *tiny_overrides(tmp_path, **job), cwd=REPO)

@@ -38,6 +38,7 @@ def _documents(folder, count=6):
     return sorted(folder.glob("*.py"))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("tokenizer", "extra", "vocab"), [("byte", [], 256), ("gpt2", ["--vocab-size", "300"], 300)])
 def test_round_trip_decodes_to_the_documents(tmp_path, tokenizer, extra, vocab):
     files = _documents(tmp_path / "corpus")
@@ -65,6 +66,7 @@ def test_round_trip_decodes_to_the_documents(tmp_path, tokenizer, extra, vocab):
         assert total < 0.7 * sum(p.stat().st_size for p in files)  # merges compress the text
 
 
+@pytest.mark.unit
 def test_dtype_follows_the_vocabulary(tmp_path):
     rng = np.random.default_rng(0)
     for vocab, width in ((256, 2), (65535, 2), (65536, 4), (70000, 4)):
@@ -78,6 +80,7 @@ def test_dtype_follows_the_vocabulary(tmp_path):
         assert np.array_equal(open_shard(path), tokens)
 
 
+@pytest.mark.unit
 def test_a_tokenizer_json_with_a_large_vocabulary_writes_uint32(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -97,6 +100,7 @@ def test_a_tokenizer_json_with_a_large_vocabulary_writes_uint32(tmp_path):
     assert main(["verify-tokens", str(out)]) == 0
 
 
+@pytest.mark.unit
 def test_split_is_by_document_and_deterministic(tmp_path):
     files = _documents(tmp_path / "corpus", count=10)
     for name in ("a", "b"):
@@ -115,6 +119,7 @@ def test_split_is_by_document_and_deterministic(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+@pytest.mark.unit
 def test_shards_split_at_document_boundaries(tmp_path):
     _documents(tmp_path / "corpus", count=8)
     out = tmp_path / "out"
@@ -130,6 +135,7 @@ def test_shards_split_at_document_boundaries(tmp_path):
     assert last.max() < 256 and len(last) == expected * 65
 
 
+@pytest.mark.unit
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     corpus = str(tmp_path / "corpus/*.py")
     _documents(tmp_path / "corpus")
@@ -158,6 +164,7 @@ def _good_shards(tmp_path):
     return out
 
 
+@pytest.mark.unit
 def test_verify_tokens_passes_good_shards_and_names_the_first_problem(tmp_path, capsys):
     out = _good_shards(tmp_path)
     capsys.readouterr()
@@ -187,6 +194,7 @@ def test_verify_tokens_passes_good_shards_and_names_the_first_problem(tmp_path, 
     assert "has no index.json" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_tokens_dataset_serves_shifted_windows_with_the_shards_vocabulary(tmp_path):
     _documents(tmp_path / "corpus")
     out = tmp_path / "out"
@@ -211,6 +219,7 @@ def test_tokens_dataset_serves_shifted_windows_with_the_shards_vocabulary(tmp_pa
         build_datasets(DataConfig(dataset="tokens", paths=[str(out)], seq_len=100000))
 
 
+@pytest.mark.unit
 def test_windows_pickle_without_their_mappings(tmp_path):
     # A spawned loader worker gets the dataset pickled: it must map the shards itself, not
     # receive a copy of every token read so far.
@@ -266,6 +275,7 @@ MEMORY_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_windows_stream_from_disk_under_a_memory_limit(tmp_path):
     # Three 64 MiB shards, 192 MiB in all; the reading process may hold 48 MiB more than it
     # does after import. Token p of shard s is (p + s) % 50000, so any window can be checked.
@@ -318,6 +328,7 @@ def bpe_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.system
 def test_a_tiny_gpt_trains_on_tokens_and_its_loss_falls(tmp_path, bpe_dir, monkeypatch):
     from dist_train.trainer import train
 
@@ -334,6 +345,7 @@ def test_a_tiny_gpt_trains_on_tokens_and_its_loss_falls(tmp_path, bpe_dir, monke
     assert losses[0] > 4.5 and losses[-1] < 0.6 * losses[0], losses
 
 
+@pytest.mark.system
 def test_resume_from_2_ranks_on_1_matches_an_uninterrupted_run(tmp_path, bpe_dir):
     # Global batch 16 throughout: 1 x 8 x 2 accumulation, or 2 ranks x 8 until step 3 and then
     # 1 x 8 x 2 (accumulation adapts on resume). The data order is the sampler's global one.
@@ -379,6 +391,7 @@ def test_resume_from_2_ranks_on_1_matches_an_uninterrupted_run(tmp_path, bpe_dir
     assert last_loss("split") == pytest.approx(last_loss("one"), abs=1e-5)
 
 
+@pytest.mark.unit
 def test_gpt2_small_on_a_50257_token_vocabulary_has_124m_parameters():
     from dist_train.data.datasets import DataSpec
 

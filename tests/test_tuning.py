@@ -50,6 +50,7 @@ def lr_test(tmp_path_factory):
     return proc, root
 
 
+@pytest.mark.system
 def test_find_lr_on_two_ranks_writes_the_curve_and_no_run(lr_test):
     proc, root = lr_test
     assert proc.returncode == 0, _output(proc)
@@ -66,6 +67,7 @@ def test_find_lr_on_two_ranks_writes_the_curve_and_no_run(lr_test):
     assert not (root / "runs" / "digits").exists()  # no run directory, checkpoint or metrics
 
 
+@pytest.mark.system
 def test_the_suggested_lr_trains_digits(lr_test, tmp_path):
     proc, _ = lr_test
     found = re.search(r"^use: optim\.lr=(\S+)$", proc.stdout, re.MULTILINE)
@@ -79,6 +81,7 @@ def test_the_suggested_lr_trains_digits(lr_test, tmp_path):
     assert result.eval_metrics["val_acc"] > 0.9, (lr, result.eval_metrics)
 
 
+@pytest.mark.system
 def test_find_lr_stops_on_every_rank_at_the_same_step(tmp_path):
     """A max-lr that blows the loss up: the early stop is decided from the all-reduced loss, so
     both ranks leave the loop together and the command ends normally (a rank deciding alone would
@@ -94,6 +97,7 @@ def test_find_lr_stops_on_every_rank_at_the_same_step(tmp_path):
     assert len(_csv(tmp_path / "lr" / "lr_find.csv")) == step
 
 
+@pytest.mark.unit
 def test_find_lr_refuses_a_folder_that_holds_something(tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()
@@ -107,6 +111,7 @@ def test_find_lr_refuses_a_folder_that_holds_something(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "--min-lr" in err[0], err
 
 
+@pytest.mark.unit
 def test_the_steepest_descent_is_read_where_the_smoothed_loss_belongs():
     """A loss that falls fastest at lr 0.01 (a logistic step in log(lr)) and climbs past 10**-0.5,
     smoothed as find-lr does. Placed at the newest lr, the moving average would put the steepest
@@ -126,6 +131,7 @@ def test_the_steepest_descent_is_read_where_the_smoothed_loss_belongs():
     assert 10**-1.1 < test.smoothed_lrs[test.lowest()] < 10**-0.5  # the bottom, blurred the same way
 
 
+@pytest.mark.system
 def test_find_batch_on_two_ranks_agrees_when_only_rank_1_runs_out():
     env = {**cli_env(), OOM_ABOVE_ENV: "200", OOM_RANK_ENV: "1"}
     command = [sys.executable, "-m", "dist_train.cli", "find-batch", "configs/digits.yaml", *TWO_RANKS]
@@ -140,6 +146,7 @@ def test_find_batch_on_two_ranks_agrees_when_only_rank_1_runs_out():
     assert f"global batch {2 * found} (2 x {found} x 1 accumulation)" in proc.stdout
 
 
+@pytest.mark.unit
 def test_a_cpu_memory_cap_bounds_the_estimate(capsys):
     cfg = load_config(DIGITS, ["data.max_memory_gb=0.001", "logging.wandb.mode=disabled"])
     found = find_batch(cfg)
@@ -153,6 +160,7 @@ def test_a_cpu_memory_cap_bounds_the_estimate(capsys):
     assert all(a[1] < b[1] for a, b in zip(by_size, by_size[1:], strict=False))  # grows with the batch
 
 
+@pytest.mark.system
 def test_auto_batch_makes_up_the_global_batch_and_resumes_with_it(tmp_path, monkeypatch, capsys):
     """Out of memory above 50: the search finds 50, keeps 45 with headroom, and trains with 32, the
     largest size up to that which divides the 96 samples of train.global_batch (x 3 accumulation).
@@ -171,6 +179,7 @@ def test_auto_batch_makes_up_the_global_batch_and_resumes_with_it(tmp_path, monk
     assert result.step == 6
 
 
+@pytest.mark.system
 def test_library_workspace_failures_do_not_fit_and_other_errors_stop_the_search(monkeypatch, capsys):
     """cuBLAS and cuDNN report a failed workspace allocation as a RuntimeError, not as
     torch.OutOfMemoryError: the size does not fit, as for any out-of-memory error."""
@@ -191,6 +200,7 @@ def test_library_workspace_failures_do_not_fit_and_other_errors_stop_the_search(
     assert not is_out_of_memory(dist.DistBackendError("NCCL error: unhandled cuda error ... out of memory"))
 
 
+@pytest.mark.unit
 def test_batch_settings_are_checked():
     assert load_config(DIGITS, ["data.batch_size=auto"]).data.batch_size == "auto"
     for overrides, key in (
@@ -202,6 +212,7 @@ def test_batch_settings_are_checked():
             load_config(DIGITS, overrides)
 
 
+@pytest.mark.unit
 def test_a_global_batch_that_does_not_divide_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.global_batch=100 is not a multiple of 1 processes x data\.batch"):
         dist_train.fit(DIGITS, tiny_overrides(tmp_path, **{"train.global_batch": 100}))

@@ -26,6 +26,7 @@ def _env(world: int) -> DistEnv:
     return DistEnv(rank=0, local_rank=0, world_size=world, device=torch.device("cpu"))
 
 
+@pytest.mark.unit
 def test_a_factory_gives_datasets_and_the_config_wins_over_what_it_returns():
     data = build_datasets(DataConfig(dataset="tests.user_datasets:blobs", kwargs={"n_train": 40, "size": 6}))
     assert (len(data.train), len(data.val)) == (40, 20)
@@ -37,6 +38,7 @@ def test_a_factory_gives_datasets_and_the_config_wins_over_what_it_returns():
     assert build_datasets(DataConfig(dataset="tests.user_datasets:tensors")).spec == DataSpec((1, 4, 4), 3)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("factory", "message"),
     [
@@ -58,6 +60,7 @@ def test_a_bad_factory_is_one_line_and_exit_2(tmp_path, monkeypatch, capfd, fact
     assert not (tmp_path / "runs").exists()  # refused before anything is written
 
 
+@pytest.mark.unit
 def test_a_validation_set_smaller_than_the_world_is_an_error():
     cfg = DataConfig(dataset="tests.user_datasets:tensors", kwargs={"n_val": 3}, batch_size=4)
     with pytest.raises(DataError, match="has 3 validation samples, fewer than the 4 processes"):
@@ -66,6 +69,7 @@ def test_a_validation_set_smaller_than_the_world_is_an_error():
     assert len(pipe.val_loader) == 1
 
 
+@pytest.mark.system
 def test_a_factory_dataset_resumes_mid_epoch_bit_for_bit_with_loader_workers(tmp_path):
     # 96 samples, global batch 8 x 2: 6 steps an epoch; the stop at 7 is one step into epoch 1.
     config = {
@@ -102,6 +106,7 @@ def _installed_command(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, str(script)], {**cli_env(), "PYTHONPATH": str(site)}
 
 
+@pytest.mark.system
 def test_the_example_runs_from_the_repository_root_on_one_and_two_ranks_with_a_bad_file(tmp_path):
     from examples.my_dataset import draw_shapes  # the files the factory would draw, drawn here first
 

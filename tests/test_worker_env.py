@@ -24,6 +24,7 @@ CONFIG = "configs/digits.yaml"
 # --------------------------------------------------------------------------- flight recorder
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fr_names", [False, True])
 def test_the_flight_recorder_dumps_into_the_run_directory(tmp_path, fr_names):
     added = worker_env.flight_recorder_env({}, tmp_path / "run", fr_names=fr_names)
@@ -35,6 +36,7 @@ def test_the_flight_recorder_dumps_into_the_run_directory(tmp_path, fr_names):
     assert added == {**expected, "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
 
 
+@pytest.mark.unit
 def test_which_names_a_torch_version_reads():
     assert not worker_env.reads_fr_names("2.6.0+cu124") and not worker_env.reads_fr_names("2.9.1")
     assert (
@@ -42,6 +44,7 @@ def test_which_names_a_torch_version_reads():
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "users, kept_away",
     [
@@ -58,6 +61,7 @@ def test_a_flight_recorder_setting_the_user_made_is_left_alone(tmp_path, users, 
         assert len(added) == 2  # the other two settings are still made
 
 
+@pytest.mark.system
 def test_a_worker_killed_by_sigabrt_gets_one_line_naming_the_dumps_and_the_analyzer(tmp_path):
     env_file = tmp_path / "worker_env.json"
     values = {"model.name": "tests.user_models:aborting", "model.kwargs": json.dumps({"env_file": str(env_file)})}
@@ -81,6 +85,7 @@ def test_a_worker_killed_by_sigabrt_gets_one_line_naming_the_dumps_and_the_analy
     assert seen[name] == prefix
 
 
+@pytest.mark.unit
 def test_the_signal_line_counts_dumps_that_are_there(tmp_path):
     folder = tmp_path / "nccl_flight_recorder"
     folder.mkdir()
@@ -96,6 +101,7 @@ def test_the_signal_line_counts_dumps_that_are_there(tmp_path):
 # --------------------------------------------------------------------------- CPUs
 
 
+@pytest.mark.unit
 def test_the_cpu_line_warns_when_workers_outnumber_cpus():
     assert worker_env.cpu_report(8, 8) == ("launch: 8 CPUs available to this node's 8 worker(s)", False)
     line, warning = worker_env.cpu_report(1, 2)
@@ -103,6 +109,7 @@ def test_the_cpu_line_warns_when_workers_outnumber_cpus():
     assert "--cpus-per-task" in line
 
 
+@pytest.mark.system
 def test_launch_warns_when_its_workers_get_fewer_cpus_than_there_are_workers(tmp_path):
     # taskset narrows launch to one CPU, as srun without --cpus-per-task does where tasks are
     # bound; torchrun's workers inherit it.
@@ -121,6 +128,7 @@ def test_launch_warns_when_its_workers_get_fewer_cpus_than_there_are_workers(tmp
 # --------------------------------------------------------------------------- network interfaces
 
 
+@pytest.mark.unit
 def test_socket_interface_names_are_checked_against_this_node():
     names = ["lo", "eth0", "ib0"]
     worker_env.check_socket_ifnames({"GLOO_SOCKET_IFNAME": "eth0,ib0", "NCCL_SOCKET_IFNAME": "ib"}, names)
@@ -134,6 +142,7 @@ def test_socket_interface_names_are_checked_against_this_node():
         worker_env.check_socket_ifnames({"NCCL_SOCKET_IFNAME": "=eth"}, names)  # exact: eth0 is not eth
 
 
+@pytest.mark.system
 def test_a_bogus_gloo_interface_is_one_line_before_any_worker_starts(tmp_path):
     env = cli_env() | {"GLOO_SOCKET_IFNAME": "nosuchif0"}
     proc = subprocess.run(
@@ -148,6 +157,7 @@ def test_a_bogus_gloo_interface_is_one_line_before_any_worker_starts(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.unit
 def test_a_loopback_host_name_warns_only_for_several_nodes_without_gloo_interface():
     assert worker_env.loopback_warning({}, nnodes=1) is None
     assert worker_env.loopback_warning({"GLOO_SOCKET_IFNAME": "eth0"}, nnodes=2) is None
@@ -164,6 +174,7 @@ def test_a_loopback_host_name_warns_only_for_several_nodes_without_gloo_interfac
 # --------------------------------------------------------------------------- the stop-signal side group
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode, needle", [("late", "did not form within 2 s"), ("ifname", "nosuchif0")])
 def test_a_side_group_that_cannot_form_fails_in_one_line_not_a_hang(mode, needle):
     start = time.monotonic()
