@@ -182,39 +182,9 @@ def final_model(root: Path, name: str) -> dict:
 # outside `-m unit`, `-m multiprocess` and `-m system` unnoticed.
 TIERS = ("unit", "multiprocess", "system")
 
-# Tiers of tests/test_trainer.py, set here until the file carries its own marks (a mark in the
-# file wins): measured, in-process runs over ~2 s are system.
-TRAINER_TIERS = {
-    "test_resume_is_bitwise_exact_mid_epoch_with_accumulation": "system",
-    "test_resume_from_explicit_checkpoint_path": "system",
-    "test_resume_may_extend_max_steps": "system",
-    "test_accumulation_equals_one_big_batch": "system",
-    "test_scheduler_steps_once_per_optimizer_step": "unit",
-    "test_bf16_autocast_trains_on_cpu": "unit",
-    "test_fp16_on_cpu_is_a_config_error": "unit",
-    "test_nonfinite_loss_stops_and_keeps_last_good_checkpoint": "unit",
-    "test_nonfinite_loss_names_its_first_step_when_found_at_a_log": "unit",
-    "test_default_config_reaches_high_accuracy_quickly": "system",
-    "test_user_model_factory": "unit",
-    "test_nonfinite_weights_with_a_finite_loss_are_never_saved": "unit",
-    "test_rewind_to_an_older_checkpoint_sets_newer_ones_aside": "system",
-    "test_resume_with_another_optimizer_is_a_one_line_error": "unit",
-    "test_metrics_file_survives_a_torn_line_and_a_fresh_start": "system",
-    "test_a_stop_signal_ends_a_single_process_run_with_a_checkpoint": "unit",
-    "test_nonfinite_skip_drops_the_bad_updates_on_every_rank_and_trains_on": "system",
-    "test_a_process_killed_while_saving_leaves_the_previous_checkpoint_to_resume": "system",
-    "test_channels_last_trains_like_contiguous_and_ddp_on_one_process_runs_as_none": "system",
-    "test_uint8_images_augmented_in_memory_resume_bitwise_mid_epoch": "system",
-    "test_garbage_is_collected_at_the_same_steps_on_every_rank_and_nowhere_else": "unit",
-    "test_deterministic_mode_holds_while_training_and_is_restored_after": "unit",
-}
-
 
 def _tier_problem(item: pytest.Item) -> str | None:
     tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
-    if not tiers and item.path.name == "test_trainer.py" and item.originalname in TRAINER_TIERS:
-        item.add_marker(TRAINER_TIERS[item.originalname])
-        return None
     if len(tiers) == 1:
         return None
     has = f"{len(tiers)} tiers ({', '.join(tiers)})" if tiers else "no tier"

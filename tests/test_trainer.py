@@ -41,6 +41,7 @@ def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+@pytest.mark.system
 def test_resume_is_bitwise_exact_mid_epoch_with_accumulation(tmp_path):
     # 1,438 train samples / (16 x 2) = 44 steps per epoch: stopping at 30 is mid-epoch 0 and the
     # run continues into epoch 1. Augmentation, momentum and a cosine schedule are all on.
@@ -67,6 +68,7 @@ def test_resume_is_bitwise_exact_mid_epoch_with_accumulation(tmp_path):
     assert straight.eval_metrics == resumed.eval_metrics
 
 
+@pytest.mark.system
 def test_resume_from_explicit_checkpoint_path(tmp_path):
     common = {"train.max_steps": 8, "checkpoint.every_steps": 4, "checkpoint.keep_last": 5}
     _, full = _run(tmp_path / "a", **common)
@@ -76,6 +78,7 @@ def test_resume_from_explicit_checkpoint_path(tmp_path):
     _assert_bitwise_equal(_final_params(full), _final_params(rewound))
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_resume_may_extend_max_steps(tmp_path, schedule):
     common = {"schedule.name": schedule, "schedule.warmup_steps": 2, "checkpoint.every_steps": 0}
@@ -86,6 +89,7 @@ def test_resume_may_extend_max_steps(tmp_path, schedule):
     assert [r["step"] for r in records if "lr" in r] == [2, 4, 6, 7, 8, 9, 10]
 
 
+@pytest.mark.system
 def test_accumulation_equals_one_big_batch(tmp_path):
     common = {
         "train.max_steps": 4,
@@ -102,6 +106,7 @@ def test_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_scheduler_steps_once_per_optimizer_step(tmp_path):
     cfg, _ = _run(
         tmp_path,
@@ -122,6 +127,7 @@ def test_scheduler_steps_once_per_optimizer_step(tmp_path):
         assert lr == pytest.approx(0.1 * lr_multiplier(cfg.schedule, step, 12))
 
 
+@pytest.mark.unit
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     _, result = _run(
         tmp_path,
@@ -132,11 +138,13 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert 0 < result.eval_metrics["val_loss"] < 2.4
 
 
+@pytest.mark.unit
 def test_fp16_on_cpu_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="train.precision"):
         _run(tmp_path, **{"train.precision": "fp16"})
 
 
+@pytest.mark.unit
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # An absurd learning rate blows the weights up within a few steps.
     with pytest.raises(NonFiniteLossError, match=r"at step \d+") as err:
@@ -160,6 +168,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert all(torch.isfinite(t).all() for t in params.values())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("accum", [1, 2])
 def test_nonfinite_loss_names_its_first_step_when_found_at_a_log(tmp_path, accum):
     # The 7th training forward is step 7 without accumulation, step 4 (its first micro-batch)
@@ -179,6 +188,7 @@ def test_nonfinite_loss_names_its_first_step_when_found_at_a_log(tmp_path, accum
     assert checkpoint.list_checkpoints(tmp_path / "runs" / "digits" / "checkpoints") == []
 
 
+@pytest.mark.system
 def test_default_config_reaches_high_accuracy_quickly(tmp_path):
     # A shortened default job: 8 epochs take digits far above chance (0.1). Measured over
     # run.seed 0-29 (AMD EPYC, 2 cores, 2026-12-03): val_acc 0.897-0.972, median 0.942; seeds
@@ -191,12 +201,14 @@ def test_default_config_reaches_high_accuracy_quickly(tmp_path):
     assert result.eval_metrics["val_acc"] > 0.8
 
 
+@pytest.mark.unit
 def test_user_model_factory(tmp_path):
     _, result = _run(tmp_path, **{"model.name": "user_models:tiny_linear", "model.kwargs": "{bias: false}"})
     params = _final_params(result)
     assert list(params) == ["1.weight"]
 
 
+@pytest.mark.unit
 def test_nonfinite_weights_with_a_finite_loss_are_never_saved(tmp_path):
     with pytest.raises(NonFiniteLossError, match="at step 1"):
         _run(
@@ -205,6 +217,7 @@ def test_nonfinite_weights_with_a_finite_loss_are_never_saved(tmp_path):
     assert checkpoint.list_checkpoints(tmp_path / "runs" / "digits" / "checkpoints") == []
 
 
+@pytest.mark.system
 def test_rewind_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, capsys):
     common = {"train.max_steps": 8, "checkpoint.every_steps": 2, "checkpoint.keep_last": 3}
     cfg, _ = _run(tmp_path, **common)
@@ -226,12 +239,14 @@ def test_rewind_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, capsys):
     assert checkpoint.load_train_state(resumed)["config"]["optim"]["lr"] == 0.01
 
 
+@pytest.mark.unit
 def test_resume_with_another_optimizer_is_a_one_line_error(tmp_path):
     _run(tmp_path, **{"train.max_steps": 2})
     with pytest.raises(checkpoint.CheckpointError, match="optim.name=sgd, this run has adamw"):
         _run(tmp_path, **{"train.max_steps": 4, "optim.name": "adamw"})
 
 
+@pytest.mark.system
 def test_metrics_file_survives_a_torn_line_and_a_fresh_start(tmp_path):
     cfg, _ = _run(tmp_path, **{"train.max_steps": 4, "train.stop_at_step": 2})
     metrics = cfg.run_dir / "metrics.jsonl"
@@ -248,6 +263,7 @@ def test_metrics_file_survives_a_torn_line_and_a_fresh_start(tmp_path):
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 2, 2]
 
 
+@pytest.mark.unit
 def test_a_stop_signal_ends_a_single_process_run_with_a_checkpoint(tmp_path):
     import os
     import signal
@@ -262,6 +278,7 @@ def test_a_stop_signal_ends_a_single_process_run_with_a_checkpoint(tmp_path):
     assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored after training
 
 
+@pytest.mark.system
 def test_nonfinite_skip_drops_the_bad_updates_on_every_rank_and_trains_on(tmp_path):
     common = {
         "data.dataset": "synthetic",
@@ -283,6 +300,7 @@ def test_nonfinite_skip_drops_the_bad_updates_on_every_rank_and_trains_on(tmp_pa
     assert all(torch.isfinite(t).all() for t in params.values())
 
 
+@pytest.mark.system
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_to_resume(tmp_path):
     import signal
     import subprocess
@@ -336,6 +354,7 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_to_resume(
     assert f"resumed from {previous} at step {int(previous.name[5:])}" in resumed.stdout
 
 
+@pytest.mark.system
 def test_channels_last_trains_like_contiguous_and_ddp_on_one_process_runs_as_none(tmp_path):
     # On CPU channels_last is opt-in; one torchrun worker with strategy ddp trains unwrapped.
     from conftest import REPO, run_cli
@@ -353,6 +372,7 @@ def test_channels_last_trains_like_contiguous_and_ddp_on_one_process_runs_as_non
     assert [r["step"] for r in logged if "checkpoint_stall_s" in r] == [3, 6]  # the stall of every save
 
 
+@pytest.mark.system
 def test_uint8_images_augmented_in_memory_resume_bitwise_mid_epoch(tmp_path):
     # MNIST read by torchvision from idx files made here: 256 samples, 16 steps an epoch.
     from conftest import write_fake_mnist
@@ -373,6 +393,7 @@ def test_uint8_images_augmented_in_memory_resume_bitwise_mid_epoch(tmp_path):
     _assert_bitwise_equal(_final_params(straight), _final_params(resumed))
 
 
+@pytest.mark.unit
 def test_garbage_is_collected_at_the_same_steps_on_every_rank_and_nowhere_else(tmp_path):
     """train.gc_every_steps=3: automatic collection is off while the loop runs (a rank would
     pause at its own moment), a young-generation collection follows steps 3, 6 and 9, and
@@ -406,6 +427,7 @@ def test_garbage_is_collected_at_the_same_steps_on_every_rank_and_nowhere_else(t
     assert gc.isenabled()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cublas_checked", [False, True], ids=["torch>=2.10", "torch<2.10"])
 def test_deterministic_mode_holds_while_training_and_is_restored_after(tmp_path, monkeypatch, cublas_checked):
     """torch 2.6-2.9 refuse deterministic cuBLAS without a fixed workspace (CUBLAS_WORKSPACE_CONFIG,
