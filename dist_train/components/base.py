@@ -16,7 +16,8 @@ another world size, and loaded back in place (train.ema's average).
 `stop_reason()` is asked after each evaluation: a component that wants the run to end returns
 one line saying why (every rank must answer the same; built-ins decide from all-reduced
 metrics). `state_dict()`/`load_state_dict()` go into every checkpoint under the component's
-name, so a resumed run continues each component where it was.
+name, so a resumed run continues each component where it was: rank 0's state is saved and every
+rank gets it back (a component whose state differs by rank keeps that part in `tensors()`).
 """
 
 from __future__ import annotations
