@@ -40,8 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dist_train.config import UserError
 from dist_train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
+from dist_train.errors import UserError
 
 FORMAT_VERSION = 2  # 2: model and optimizer in DCP format (1 held them in train_state.pt)
 STEP_DIR = re.compile(r"^step_(\d{8})$")

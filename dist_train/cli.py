@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from dist_train.commands import VERBS
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from dist_train.checkpoint_eval import build_parts
-from dist_train.config import UserError
 from dist_train.distributed import DistEnv
+from dist_train.errors import UserError
 
 Candidate = tuple[str, nn.Module, Path]  # (name in the table, model, the file it is stored in)
 BATCHES = (1, 32)

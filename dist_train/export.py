@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dist_train import checkpoint
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dist_train.config import LOGGED_METRICS as LOGGED
-from dist_train.config import ConfigError
+from dist_train.errors import ConfigError
 
 if TYPE_CHECKING:
     from torchmetrics import Metric

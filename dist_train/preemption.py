@@ -20,7 +20,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 # EX_TEMPFAIL: stopped early with a checkpoint; running the same command again continues.
 PREEMPTED_EXIT_CODE = 75

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 # Metric names that say which way is better; val_* matched by substring (val_top5_acc, val_f1).
 HIGHER_IS_BETTER = ("acc", "top", "f1", "precision", "recall", "auc", "iou", "dice")

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 
 @dataclass(frozen=True)

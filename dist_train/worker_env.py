@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 FLIGHT_RECORDER_DIR = "nccl_flight_recorder"  # inside the run directory
 FLIGHT_RECORDER_PREFIX = "rank_"  # each rank dumps to DIR/rank_<global rank>

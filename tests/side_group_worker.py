@@ -11,7 +11,7 @@ import time
 
 import torch.distributed as dist
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 from dist_train.preemption import StopRequest
 
 mode = sys.argv[1]

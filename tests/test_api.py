@@ -15,7 +15,7 @@ from torch.utils.data import IterableDataset, TensorDataset
 
 import dist_train
 from dist_train import checkpoint
-from dist_train.config import ConfigError, UserError
+from dist_train.errors import ConfigError, UserError
 
 
 def _script(tmp_path, task: str, nproc: int | None, *overrides: str) -> dict:

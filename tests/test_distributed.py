@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.config import UserError
 from dist_train.distributed import backend_for, select_device, use_channels_last
+from dist_train.errors import UserError
 from dist_train.process_settings import set_cuda_math
 
 # Eight 4 MiB and eight 64 KiB blocks, written and freed, four rounds: the allocation pattern of

@@ -13,8 +13,8 @@ from conftest import REPO, run_cli, tiny_overrides
 
 import dist_train
 from dist_train.checkpoint_eval import build_parts, eval_config
-from dist_train.config import UserError
 from dist_train.distributed import DistEnv
+from dist_train.errors import UserError
 from dist_train.quantize import PROGRAM, load_quantized, quantize
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

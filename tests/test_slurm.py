@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO, cli_env, final_model
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 from dist_train.launcher import LaunchOptions, from_slurm, torchrun_command
 from dist_train.slurm import detect, expand_hostlist
 

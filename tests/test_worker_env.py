@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, cli_env, tiny_overrides
 
 from dist_train import worker_env
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 CONFIG = "configs/digits.yaml"
 

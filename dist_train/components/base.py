@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 if TYPE_CHECKING:
     from dist_train.run import Run

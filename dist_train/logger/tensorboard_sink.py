@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 from dist_train.logger.base import scalars
 
 # TensorBoard groups tags into sections by the text before the first '/': metrics.jsonl keys

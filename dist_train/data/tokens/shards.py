@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train.config import UserError
+from dist_train.errors import UserError
 
 MAGIC = b"DTTOKENS"
 VERSION = 1
