@@ -198,8 +198,8 @@ def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             # sync=False under DDP: no gradient all-reduce that a failed rank would never join.
-            forward_backward(run, run.autocast(), sync=run.strategy.name == "fsdp")
-            optimizer_update(run)
+            step_loss, _ = forward_backward(run, run.autocast(), sync=run.strategy.name == "fsdp")
+            optimizer_update(run, step_loss)
         if device.type == "cuda":
             used = float(torch.cuda.max_memory_allocated(device))
         elif estimate:

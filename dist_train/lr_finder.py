@@ -152,7 +152,7 @@ def range_test(cfg: Config, env: DistEnv, options: RangeOptions) -> RangeTest:
     for _ in range(options.steps):
         lr = run.optimizer.param_groups[0]["lr"]  # the base groups': optim.lr's place
         step_loss, _ = forward_backward(run, run.autocast())
-        optimizer_update(run)
+        optimizer_update(run, step_loss)
         # The same number on every rank: the early stop below is decided alike everywhere.
         loss = all_reduce_sum(step_loss.detach().double().reshape(1)).item() / samples
         smoothed, smoothed_lr = smoother.add(lr, loss)

@@ -19,7 +19,7 @@ from dist_train.checkpointer import Checkpointer
 from dist_train.components import Components
 from dist_train.config import Config
 from dist_train.data import DataPipeline, Datasets
-from dist_train.distributed import DistEnv, broadcast_module, use_channels_last
+from dist_train.distributed import DistEnv, all_reduce_min, broadcast_module, use_channels_last
 from dist_train.logger import RunLogger
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, check_fused, use_fused
@@ -93,6 +93,40 @@ def forward_backward(run: Run, amp: ContextManager, sync: bool = True) -> tuple[
             run.scaler.scale(loss / accum if accum > 1 else loss).backward()
         micro_losses.append(loss.detach())
     return (micro_losses[0] if accum == 1 else torch.stack(micro_losses).sum()), data_wait
+
+
+def optimizer_step(
+    run: Run, params: list[nn.Parameter], step_loss: torch.Tensor, measure_norm: bool, skip_nonfinite: bool
+) -> tuple[bool, torch.Tensor | None]:
+    """After forward_backward, the one optimizer update of training and the tools: clip as
+    configured, or only measure the norm (`measure_norm`), on unscaled gradients; with
+    `skip_nonfinite` (train.nonfinite=skip: a collective and a host sync, so never in a trial
+    that must not wait for other ranks) every rank agrees whether this step's loss and gradient
+    are finite and all skip it if not; then step, zero, schedule. Returns whether the weights
+    were updated, and the gradient norm where it was computed."""
+    clip = run.cfg.train.clip_grad_norm
+    grad_norm = None
+    if clip is not None or measure_norm or skip_nonfinite:
+        run.scaler.unscale_(run.optimizer)  # clip and report the true gradient, not the fp16-scaled one
+        if clip is not None:
+            grad_norm = nn.utils.clip_grad_norm_(params, clip)
+        else:  # only reported: clipping at infinity would still rescale every gradient by 1
+            grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    update = True
+    if skip_nonfinite:
+        finite = torch.isfinite(step_loss) & torch.isfinite(full_tensor(grad_norm))
+        update = bool(all_reduce_min(finite.to(torch.int32)).item())
+    if update:
+        run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.strategy.zero_grad(run.optimizer)
+    run.scheduler.step()  # once per optimizer step, never per micro-batch
+    return update, grad_norm
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (gathered), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def autocast(precision: str, device: torch.device, strategy: Strategy) -> ContextManager:

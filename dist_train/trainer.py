@@ -30,7 +30,6 @@ from dist_train.data.loader import load_datasets
 from dist_train.distributed import (
     DistEnv,
     all_reduce_max,
-    all_reduce_min,
     all_reduce_sum,
     broadcast_buffers,
     broadcast_object,
@@ -59,7 +58,7 @@ from dist_train.process_settings import (
     seed_everything,
     set_cuda_math,
 )
-from dist_train.run import Run, UserParts, build_trainable, forward_backward
+from dist_train.run import Run, UserParts, build_trainable, forward_backward, full_tensor, optimizer_step
 from dist_train.tasks import Task, build_task
 
 
@@ -212,7 +211,7 @@ def _make_dir(path: Path) -> None:
 
 def _fit(run: Run, plan: Plan) -> TrainResult:
     cfg, env, model, data, task = run.cfg, run.env, run.model, run.data, run.task
-    strategy, optimizer, scheduler, scaler, logger = run.strategy, run.optimizer, run.scheduler, run.scaler, run.logger
+    strategy, optimizer, scheduler, logger = run.strategy, run.optimizer, run.scheduler, run.logger
     t = cfg.train
     amp, device = run.autocast(), env.device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,7 +231,7 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
     # where each would cost ~5-20 us on a CPU whose caches the step has just evicted.
     counted_losses: list[torch.Tensor] = []
     counted_steps: list[int] = []
-    skip_nonfinite, update, skipped_steps = t.nonfinite == "skip", True, 0
+    skip_nonfinite, skipped_steps = t.nonfinite == "skip", 0
     interval_start, data_wait, steps_in_interval = time.perf_counter(), 0.0, 0
 
     def summed_losses(weights_ok: torch.Tensor | None = None, step: int = 0) -> list[float]:
@@ -260,26 +259,12 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
 
         stop_signal = run.stop.poll(step)  # the same answer on every rank
         log_now = step % t.log_every == 0 or step == end_step or stop_signal is not None
-        grad_norm = None
-        if t.clip_grad_norm is not None or log_now or skip_nonfinite:
-            scaler.unscale_(optimizer)  # clip and report the true gradient, not the fp16-scaled one
-            if t.clip_grad_norm is not None:
-                grad_norm = nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
-            else:  # only reported: clipping at infinity would still rescale every gradient by 1
-                grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if skip_nonfinite:
-            # Every rank must skip the same steps: agreed at the cost of one host sync per step.
-            finite = torch.isfinite(step_loss) & torch.isfinite(_full(grad_norm))
-            update = bool(all_reduce_min(finite.to(torch.int32)).item())
+        update, grad_norm = optimizer_step(run, params, step_loss, measure_norm=log_now, skip_nonfinite=skip_nonfinite)
         if update:
-            scaler.step(optimizer)
             counted_losses.append(step_loss)
             counted_steps.append(step)
         else:
             skipped_steps += 1
-        scaler.update()
-        strategy.zero_grad(optimizer)
-        scheduler.step()  # once per optimizer step, never per micro-batch
         run.components.after_step(run, step)  # prune.sparsity's masks, users' callbacks
         run.scheduled_gc.after_step(step)  # every rank collects at the same steps
         steps_in_interval += 1
@@ -306,7 +291,7 @@ def _fit(run: Run, plan: Plan) -> TrainResult:
                 {
                     "loss": loss_mean,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": _full(grad_norm).item(),
+                    "grad_norm": full_tensor(grad_norm).item(),
                     "epoch": data.train.epoch,
                     **({"skipped_steps": skipped_steps} if skip_nonfinite else {}),
                     **({"bad_samples": data.train.bad_samples()} if cfg.data.skip_bad_samples else {}),
@@ -370,11 +355,6 @@ def _agreed_stop(reason: str | None, env: DistEnv) -> str | None:
         return reason
     anyone = all_reduce_max(torch.tensor(int(reason is not None), device=env.device)).item()
     return (reason or "a component on another rank asked the run to stop") if anyone else None
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value of a DTensor (gathered), or the tensor itself."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 @torch.no_grad()

@@ -1,13 +1,12 @@
 """What the tuning tools (the LR range test, the batch-size search) train with: a Run made of the
 training's own parts but with no checkpoints, no logging and no stop signals, and the loop's
-optimizer update without its bookkeeping. The step itself is trainer.forward_backward."""
+optimizer update (run.optimizer_step) without its bookkeeping. The step itself is run.forward_backward."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from dist_train.config import Config, check_device
@@ -16,7 +15,7 @@ from dist_train.distributed import DistEnv
 from dist_train.logger import RunLogger
 from dist_train.parallel import Strategy, build_strategy
 from dist_train.process_settings import set_cuda_math
-from dist_train.run import Run, Trainable
+from dist_train.run import Run, Trainable, optimizer_step
 from dist_train.tasks import Task
 
 
@@ -47,13 +46,8 @@ def tool_run(
     return Run(cfg, env, model, strategy, optimizer, scheduler, scaler, data, task, logger, None, None, layout)
 
 
-def optimizer_update(run: Run) -> None:
-    """After forward_backward: clip as configured (on unscaled gradients), step, zero, schedule."""
-    if run.cfg.train.clip_grad_norm is not None:
-        run.scaler.unscale_(run.optimizer)
-        params = [p for p in run.model.parameters() if p.requires_grad]
-        nn.utils.clip_grad_norm_(params, run.cfg.train.clip_grad_norm)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.strategy.zero_grad(run.optimizer)
-    run.scheduler.step()
+def optimizer_update(run: Run, step_loss: torch.Tensor) -> None:
+    """After forward_backward: training's own optimizer update (run.optimizer_step), without the
+    non-finite agreement, a collective that a trial must not wait in."""
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    optimizer_step(run, params, step_loss, measure_norm=False, skip_nonfinite=False)
