@@ -61,6 +61,11 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (gathered: a collective), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def param_and_optimizer_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of parameters and optimizer state this rank holds (its shards under FSDP)."""
 

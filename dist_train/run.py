@@ -20,6 +20,7 @@ from dist_train.components import Components
 from dist_train.config import Config
 from dist_train.data import DataPipeline, Datasets
 from dist_train.distributed import DistEnv, all_reduce_min, broadcast_module, use_channels_last
+from dist_train.efficiency import full_tensor
 from dist_train.logger import RunLogger
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, check_fused, use_fused
@@ -122,11 +123,6 @@ def optimizer_step(
     run.strategy.zero_grad(run.optimizer)
     run.scheduler.step()  # once per optimizer step, never per micro-batch
     return update, grad_norm
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value of a DTensor (gathered), or the tensor itself."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def autocast(precision: str, device: torch.device, strategy: Strategy) -> ContextManager:

@@ -41,6 +41,7 @@ from dist_train.distributed import (
 from dist_train.efficiency import (
     device_memory,
     flops_per_token,
+    full_tensor,
     local_shard,
     mfu,
     param_and_optimizer_bytes,
@@ -58,7 +59,7 @@ from dist_train.process_settings import (
     seed_everything,
     set_cuda_math,
 )
-from dist_train.run import Run, UserParts, build_trainable, forward_backward, full_tensor, optimizer_step
+from dist_train.run import Run, UserParts, build_trainable, forward_backward, optimizer_step
 from dist_train.tasks import Task, build_task
 
 

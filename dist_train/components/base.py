@@ -71,6 +71,16 @@ class Component:
         pass
 
 
+def metric_value(metrics: dict[str, float], key: str, metric: str) -> float:
+    """The evaluation metric config key `key` names, or one line saying which ones there are."""
+    if metric not in metrics:
+        raise UserError(
+            f"{key}={metric} is not among this run's evaluation metrics: "
+            f"{', '.join(metrics)} (train.metrics chooses them)"
+        )
+    return metrics[metric]
+
+
 class ComponentError(UserError):
     """A user's component raised: one line naming it, then the user's own frames."""
 
@@ -88,9 +98,6 @@ class Components:
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise UserError(f"two components share the name {duplicated[0]!r}; each needs its own checkpoint entry")
-
-    def __iter__(self):
-        return iter(self.components)
 
     @property
     def notes(self) -> list[str]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dist_train.components.base import Component
-from dist_train.config import EarlyStopConfig, UserError
+from dist_train.components.base import Component, metric_value
+from dist_train.config import EarlyStopConfig
 
 
 class EarlyStopping(Component):
@@ -34,13 +34,7 @@ class EarlyStopping(Component):
         ]
 
     def after_eval(self, run, step: int, metrics: dict[str, float]) -> None:
-        metric = self.cfg.metric
-        if metric not in metrics:
-            raise UserError(
-                f"train.early_stop.metric={metric} is not among this run's evaluation metrics: "
-                f"{', '.join(metrics)} (train.metrics chooses them)"
-            )
-        value = metrics[metric]
+        value = metric_value(metrics, "train.early_stop.metric", self.cfg.metric)
         if self.improves(value):
             self.best, self.best_step, self.evals_without_improvement = value, step, 0
         else:

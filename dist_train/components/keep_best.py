@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dist_train.components.base import Component
-from dist_train.config import KeepBestConfig, UserError
+from dist_train.components.base import Component, metric_value
+from dist_train.config import KeepBestConfig
 
 
 class KeepBest(Component):
@@ -29,12 +29,7 @@ class KeepBest(Component):
         run.checkpointer.keep_also(self.best_steps)
 
     def after_eval(self, run, step: int, metrics: dict[str, float]) -> None:
-        if self.cfg.metric not in metrics:
-            raise UserError(
-                f"checkpoint.keep_best.metric={self.cfg.metric} is not among this run's evaluation metrics: "
-                f"{', '.join(metrics)} (train.metrics chooses them)"
-            )
-        self.evaluated = (step, metrics[self.cfg.metric])
+        self.evaluated = (step, metric_value(metrics, "checkpoint.keep_best.metric", self.cfg.metric))
 
     def before_save(self, run, step: int) -> None:
         if self.evaluated is None or self.evaluated[0] != step or not math.isfinite(self.evaluated[1]):

@@ -16,6 +16,7 @@ from torch import nn
 
 from dist_train.components.base import Component
 from dist_train.config import Config, ConfigError, PruneConfig
+from dist_train.efficiency import full_tensor
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -76,7 +77,7 @@ class Sparsity(Component):
         (already pruned ones score 0, so they stay pruned). Every rank sorts the same whole
         tensors, stably, so ties fall the same way on any world size."""
         scores = torch.cat(
-            [_full(w.detach().abs() * m).flatten() for w, m in zip(self.weights, self.masks, strict=True)]
+            [full_tensor(w.detach().abs() * m).flatten() for w, m in zip(self.weights, self.masks, strict=True)]
         )
         keep = torch.ones_like(scores, dtype=torch.bool)
         keep[torch.argsort(scores, stable=True)[:count]] = False
@@ -90,10 +91,6 @@ class Sparsity(Component):
                 )
             masks.append(mask & old)  # more zeros than `count` already (a pruned source) stay zero
         self.masks = masks
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def prunable_weights(model: nn.Module) -> list[nn.Parameter]:
