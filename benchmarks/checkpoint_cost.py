@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dist_train import checkpoint
-from dist_train.async_checkpoint import AsyncCheckpointer
+from dist_train.checkpoint.async_save import AsyncCheckpointer
 from dist_train.distributed import DistEnv
 from dist_train.gpt import GPT
 

@@ -44,8 +44,8 @@ def fit(
         Returns a TrainResult (final step, last validation metrics, checkpoint). Mistakes in what
         was asked raise dist_train.config.UserError with a one-line message.
     """
-    from dist_train.run import UserParts
-    from dist_train.trainer import train
+    from dist_train.train.assembly import UserParts
+    from dist_train.train.trainer import train
 
     cfg = load_config(config, list(overrides))
     if (train_data is None) != (val_data is None):

@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_train import checkpoint
+from dist_train.checkpoint.export import weights_checkpoint
 from dist_train.config import ConfigError, ModelConfig, UserError
 from dist_train.distributed import all_gather_objects
-from dist_train.export import weights_checkpoint
 
 TORCHVISION = "torchvision:"
 TORCH_FILES = (".pt", ".pth", ".bin")  # torch.save'd state dicts, read with weights_only=True

@@ -29,7 +29,7 @@ from dist_train.config import Config, UserError, load_config
 from dist_train.distributed import process_group
 from dist_train.launcher import preflight
 from dist_train.optim import use_fused
-from dist_train.trainer import train
+from dist_train.train.trainer import train
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 FUSED = ("auto", "true", "false")

@@ -123,10 +123,11 @@ def find_batch_frees_its_trials(env: DistEnv) -> dict:
     nothing here calls gc.collect."""
     import weakref
 
-    import dist_train.batch_finder as batch_finder
+    import dist_train.train.assembly as assembly
+    import dist_train.train.batch_search as batch_finder
     from dist_train.config import load_config
 
-    build_trial, alive = batch_finder.build_trainable, {}
+    build_trial, alive = assembly.build_trainable, {}
     os.environ[batch_finder.OOM_ABOVE_ENV] = "20"  # a short search, with failed trials
     for strategy_name in ("ddp", "fsdp"):
         trial_objects: list[weakref.ref] = []
@@ -137,12 +138,12 @@ def find_batch_frees_its_trials(env: DistEnv) -> dict:
             trial_objects.extend(weakref.ref(o) for o in held)
             return trainable
 
-        batch_finder.build_trainable = watched
+        assembly.build_trainable = watched  # what assemble() builds the trials' model with
         cfg = load_config(Path(__file__).parents[1] / "configs" / "digits.yaml", [f"parallel.strategy={strategy_name}"])
         strategy = build_strategy(cfg.parallel, env)
         found = batch_finder.search(cfg, env, strategy)
         alive[strategy_name] = {"micro_batch": found.micro_batch, "alive": [ref() is not None for ref in trial_objects]}
-    batch_finder.build_trainable = build_trial
+    assembly.build_trainable = build_trial
     del os.environ[batch_finder.OOM_ABOVE_ENV]
     return alive
 

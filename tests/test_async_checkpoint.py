@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, logged, metrics_records, run_cli, tiny_overrides
 
 from dist_train import checkpoint
-from dist_train.async_checkpoint import FAIL_WRITE_AT_STEP, HOST_MEMORY_GB
+from dist_train.checkpoint.async_save import FAIL_WRITE_AT_STEP, HOST_MEMORY_GB
 from dist_train.cli import main
 
 CONFIG = str(REPO / "configs" / "digits.yaml")
@@ -72,7 +72,7 @@ def test_async_checkpoints_equal_sync_ones_bit_for_bit(tmp_path, capsys):
 def test_where_a_stager_cannot_stage_twice_each_save_has_its_own(tmp_path, monkeypatch, capsys):
     """torch 2.11 and 2.12's stager fails its second save (it clears its copy table after each):
     there every save stages through a new stager, closed once that save is written."""
-    import dist_train.async_checkpoint as async_checkpoint
+    import dist_train.checkpoint.async_save as async_checkpoint
 
     made, closed = [], []
     pinned_stager = async_checkpoint._pinned_stager

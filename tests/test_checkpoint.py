@@ -14,7 +14,7 @@ from dist_train import checkpoint
 from dist_train.checkpoint import CheckpointError
 from dist_train.data import Batch
 from dist_train.distributed import DistEnv
-from dist_train.plan import check_compatible
+from dist_train.train.plan import check_compatible
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from conftest import REPO, final_model, logged, run_cli, tiny_overrides
 from dist_train import checkpoint
 from dist_train.components.early_stop import EarlyStopping
 from dist_train.config import ConfigError, EarlyStopConfig, load_config
-from dist_train.trainer import train
+from dist_train.train.trainer import train
 
 
 @pytest.fixture(autouse=True)

@@ -20,13 +20,13 @@ from torch.utils.data import TensorDataset
 import dist_train
 from dist_train import checkpoint
 from dist_train.checkpoint import CheckpointError
+from dist_train.checkpoint.export import export
 from dist_train.config import ConfigError, ModelConfig, OptimConfig, ScheduleConfig, UserError, load_config, to_dict
 from dist_train.data import Batch, DataSpec
-from dist_train.export import export
 from dist_train.finetune import longest_match, prepare_model, train_mode, user_named_parameters
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler
-from dist_train.plan import check_compatible
+from dist_train.train.plan import check_compatible
 
 PRETRAIN_CLASSES = 6  # digits 0-5; fine-tuning learns 6-9: another class count, so a new head
 

@@ -13,7 +13,7 @@ from dist_train.config import ConfigError, DataConfig, ModelConfig, load_config
 from dist_train.data import DataError, build_datasets, stdlib_sources
 from dist_train.gpt import GPT
 from dist_train.models import build_model
-from dist_train.trainer import train
+from dist_train.train.trainer import train
 
 
 @pytest.mark.unit

@@ -414,7 +414,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_as_if_uninterrupted(t
 
 @pytest.mark.system
 def test_the_launcher_never_imports_training_code():
-    probe = "import sys, dist_train.cli, dist_train.launcher; print('dist_train.trainer' in sys.modules)"
+    probe = "import sys, dist_train.cli, dist_train.launcher; print('dist_train.train.trainer' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", probe], env=cli_env(), capture_output=True, text=True, cwd=REPO)
     assert proc.stdout.strip() == "False", proc.stderr
 

@@ -16,9 +16,9 @@ from dist_train.data import Batch
 from dist_train.data.loader import load_datasets
 from dist_train.distributed import DistEnv
 from dist_train.parallel import SingleProcess
-from dist_train.plan import make_plan
-from dist_train.run import UserParts
-from dist_train.trainer import train
+from dist_train.train.assembly import UserParts
+from dist_train.train.plan import make_plan
+from dist_train.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the models are tiny
 

@@ -13,8 +13,8 @@ import yaml
 from conftest import REPO, run_cli, tiny_overrides
 
 from dist_train import checkpoint
+from dist_train.checkpoint.export import export
 from dist_train.cli import main
-from dist_train.export import export
 
 SOURCE_STEPS = 12
 

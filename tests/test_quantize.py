@@ -12,10 +12,10 @@ import torch
 from conftest import REPO, run_cli, tiny_overrides
 
 import dist_train
-from dist_train.checkpoint_eval import build_parts, eval_config
 from dist_train.distributed import DistEnv
 from dist_train.errors import UserError
-from dist_train.quantize import PROGRAM, load_quantized, quantize
+from dist_train.tools.evaluate import build_parts, eval_config
+from dist_train.tools.quantize import PROGRAM, load_quantized, quantize
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -50,7 +50,7 @@ def test_quantize_writes_a_loadable_model_and_a_report_with_its_true_numbers(dig
     out, source, config = tmp_path / "q", digits_run, None
     if method == "int8-weight-only":  # from an exported file and the run's config, measured as that file
         source, config = tmp_path / "model.safetensors", digits_run / "config.yaml"
-        dist_train.export.export(digits_run, source)
+        dist_train.checkpoint.export.export(digits_run, source)
     report = quantize(source, method, out, config=config, timing_runs=3, max_accuracy_drop=0.05)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["compress_report.json", "compress_report.md", PROGRAM, "recipe.json"]
@@ -72,7 +72,7 @@ def test_quantize_writes_a_loadable_model_and_a_report_with_its_true_numbers(dig
     with torch.inference_mode():
         assert torch.equal(model(inputs[0]), load_quantized(out)(inputs[0]))
     # Quantized weights are int8 values: the sparsity counts their exact zeros.
-    ints = [t for t in dist_train.compress_report.weight_tensors(model) if t.dtype == torch.int8]
+    ints = [t for t in dist_train.tools.compress_report.weight_tensors(model) if t.dtype == torch.int8]
     assert ints, "no int8 weights in the quantized program"
     assert 0 <= result.sparsity < 0.05 and original.sparsity == 0.0
     for b in ("1", "32"):
@@ -145,7 +145,7 @@ def test_int8_static_quantizes_a_residual_block_that_calls_one_relu_twice():
     without their fp32 originals, and the program's outputs stay near the fp32 model's."""
     from user_models import residual_convnet
 
-    from dist_train.quantize import _program
+    from dist_train.tools.quantize import _program
 
     torch.manual_seed(0)
     model = residual_convnet(10, (3, 8, 8)).eval()

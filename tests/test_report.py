@@ -15,7 +15,7 @@ from PIL import Image
 
 import dist_train
 from dist_train.cli import main
-from dist_train.report import default_out, load_runs
+from dist_train.tools.report import default_out, load_runs
 
 pytestmark = pytest.mark.system
 

@@ -194,7 +194,7 @@ def test_the_hparams_carry_the_config_and_the_real_final_validation_metrics(resu
 def test_tensorboard_and_matplotlib_are_imported_only_when_used():
     # The GPU machines may have neither package: training and the CLI must not need them.
     code = (
-        "import sys; import dist_train.cli, dist_train.trainer, dist_train.report; "
+        "import sys; import dist_train.cli, dist_train.train.trainer, dist_train.tools.report; "
         "from dist_train.config import load_config; "
         "assert load_config('configs/digits.yaml').logging.tensorboard is False; "
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('tensorboard', 'matplotlib')]; "

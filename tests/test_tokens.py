@@ -330,7 +330,7 @@ def bpe_dir(tmp_path_factory):
 
 @pytest.mark.system
 def test_a_tiny_gpt_trains_on_tokens_and_its_loss_falls(tmp_path, bpe_dir, monkeypatch):
-    from dist_train.trainer import train
+    from dist_train.train.trainer import train
 
     monkeypatch.chdir(REPO)
     values = {**GPT, "data.paths": json.dumps([str(bpe_dir)]), "train.max_steps": 30, "train.log_every": 5}

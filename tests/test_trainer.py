@@ -13,7 +13,7 @@ from conftest import final_model, metrics_records, tiny_overrides
 from dist_train import checkpoint
 from dist_train.config import ConfigError, load_config
 from dist_train.optim import lr_multiplier
-from dist_train.trainer import NonFiniteLossError, train
+from dist_train.train.trainer import NonFiniteLossError, train
 
 
 def _run(tmp_path, name="digits", **overrides):

@@ -16,9 +16,10 @@ from conftest import REPO, cli_env, run_cli, tiny_overrides
 
 import dist_train
 from dist_train import cli
-from dist_train.batch_finder import OOM_ABOVE_ENV, OOM_AS_ENV, OOM_RANK_ENV, find_batch, is_out_of_memory
 from dist_train.config import ConfigError, load_config
-from dist_train.lr_finder import RangeOptions, RangeTest, Smoother, smoothing
+from dist_train.tools.find_batch import find_batch
+from dist_train.tools.find_lr import RangeOptions, RangeTest, Smoother, smoothing
+from dist_train.train.batch_search import OOM_ABOVE_ENV, OOM_AS_ENV, OOM_RANK_ENV, is_out_of_memory
 
 DIGITS = str(REPO / "configs" / "digits.yaml")
 TWO_RANKS = ("--nproc-per-node", "2")

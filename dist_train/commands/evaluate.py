@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_train.checkpoint_eval import prepare, run_eval
+    from dist_train.tools.evaluate import prepare, run_eval
 
     run_dir, out = Path(args.run_dir), None if args.out is None else Path(args.out)
     if args.nproc_per_node is not None:

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_train.export import export
+    from dist_train.checkpoint.export import export
 
     source = export(Path(args.run_dir), Path(args.out), args.step, args.dtype)
     print(f"exported {source} to {args.out} ({args.dtype})")

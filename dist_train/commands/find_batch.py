@@ -1,5 +1,5 @@
 """`dist-train find-batch CONFIG [key=value ...]`: the largest micro-batch that fits on every rank
-(dist_train/batch_finder.py), in this process or on torchrun's workers with --nproc-per-node."""
+(dist_train/tools/find_batch.py), in this process or on torchrun's workers with --nproc-per-node."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_train.batch_finder import find_batch
+    from dist_train.tools.find_batch import find_batch
 
     overrides = list(args.overrides)
     if args.max_memory_gb is not None:

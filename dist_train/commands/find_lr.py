@@ -1,4 +1,4 @@
-"""`dist-train find-lr CONFIG [key=value ...]`: the LR range test (dist_train/lr_finder.py), in this
+"""`dist-train find-lr CONFIG [key=value ...]`: the LR range test (dist_train/tools/find_lr.py), in this
 process or, with --nproc-per-node, on torchrun's workers with the config's real global batch."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_train.lr_finder import RangeOptions, default_out, find_lr, launch_config, out_problem
+    from dist_train.tools.find_lr import RangeOptions, default_out, find_lr, launch_config, out_problem
 
     cfg = load_config(args.config, args.overrides)
     options = RangeOptions(args.min_lr, args.max_lr, args.steps)

@@ -52,7 +52,7 @@ def prune_config(run_dir: Path, sparsity: float, schedule: str, out_name: str | 
     cfg = load_config(config_file, [*ours("null"), *overrides])
     if cfg.run_dir.resolve() == run_dir.resolve():
         raise UserError(f"the pruned run would overwrite its source {run_dir}; give another --out-name")
-    from dist_train.export import weights_checkpoint  # torch's checkpoint modules: only when pruning
+    from dist_train.checkpoint.export import weights_checkpoint  # torch's checkpoint modules: only when pruning
 
     newest = weights_checkpoint(run_dir).resolve()  # the source must hold a valid checkpoint
     # The same command continues a pruned run: it keeps the source it started from even when
@@ -63,7 +63,7 @@ def prune_config(run_dir: Path, sparsity: float, schedule: str, out_name: str | 
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_train.compress_report import check_options
+    from dist_train.tools.compress_report import check_options
 
     check_options(args.timing_runs, args.max_accuracy_drop)
     run_dir = Path(args.run_dir)
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         code = fit_here(cfg)
     # Once, in the process the user started: not in each of torchrun's workers.
     if code == 0 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        from dist_train.prune import write_report
+        from dist_train.tools.prune import write_report
 
         write_report(cfg, args.timing_runs, args.max_accuracy_drop, args.force)
     return code

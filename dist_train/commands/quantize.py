@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from dist_train.quantize import METHODS
+    from dist_train.tools.quantize import METHODS
 
     parser = sub.add_parser("quantize", help="int8 post-training quantization with torchao, and its report")
     parser.add_argument("source", help="a run directory (its newest valid checkpoint), or a dist-train export file")
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_train.quantize import quantize
+    from dist_train.tools.quantize import quantize
 
     quantize(
         Path(args.source),

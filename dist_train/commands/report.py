@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dist_train.report import write_report  # matplotlib is imported only when drawing
+    from dist_train.tools.report import write_report  # matplotlib is imported only when drawing
 
     report = write_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
     print(report.summary)

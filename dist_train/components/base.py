@@ -31,7 +31,7 @@ import torch
 from dist_train.errors import UserError
 
 if TYPE_CHECKING:
-    from dist_train.run import Run
+    from dist_train.train.assembly import Run
 
 
 class Component:

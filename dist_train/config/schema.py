@@ -58,7 +58,7 @@ class DataConfig:
     batch_size: int | Literal["auto"] = setting(
         64, "per rank, per micro-batch; `auto`: the largest that fits, searched at start-up (see Tuning)"
     )
-    # CPU: nothing runs out there, so an estimate is capped (see batch_finder).
+    # CPU: nothing runs out there, so an estimate is capped (see train/batch_search.py).
     max_memory_gb: float | None = setting(
         None,
         "`data.batch_size: auto`: what a trial may use per rank, in GiB (CUDA: peak allocated; CPU: an "
@@ -315,7 +315,7 @@ class CheckpointConfig:
     resume: str = setting(
         "auto", "`auto` (newest valid), `never` (refuse if checkpoints exist), or a checkpoint directory's path"
     )
-    # See async_checkpoint.py. The final save and a save on a stop signal stay synchronous.
+    # See checkpoint/async_save.py. The final save and a save on a stop signal stay synchronous.
     async_save: bool = setting(
         False, "write checkpoints in a background thread; training waits only for the copy to host memory"
     )

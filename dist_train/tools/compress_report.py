@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_train.checkpoint_eval import build_parts
 from dist_train.distributed import DistEnv
 from dist_train.errors import UserError
+from dist_train.tools.evaluate import build_parts
 
 Candidate = tuple[str, nn.Module, Path]  # (name in the table, model, the file it is stored in)
 BATCHES = (1, 32)

@@ -1,7 +1,7 @@
 """`dist-train quantize`: post-training int8 of a run's model with torchao, for CPU inference.
 
 The model and the validation data are rebuilt as `dist-train eval` rebuilds them
-(checkpoint_eval.build_parts), from a run directory or from an exported safetensors file with
+(tools/evaluate.py: build_parts), from a run directory or from an exported safetensors file with
 the run's config.yaml. Methods:
 
 - int8-dynamic: Linear weights int8, activations quantized per batch at run time
@@ -32,10 +32,11 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from dist_train import checkpoint, compress_report
-from dist_train.checkpoint_eval import check_out, eval_config
+from dist_train import checkpoint
+from dist_train.checkpoint.export import weights_checkpoint
 from dist_train.config import Config, UserError, load_config
-from dist_train.export import weights_checkpoint
+from dist_train.tools import compress_report
+from dist_train.tools.evaluate import check_out, eval_config
 
 METHODS = ("int8-dynamic", "int8-weight-only", "int8-static")
 # The layers each method quantizes; a model with none of them would come back unchanged.

@@ -28,14 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train.batch_finder import resolve_batch
 from dist_train.config import Config, ConfigError, UserError
-from dist_train.data import Batch, build_pipeline
+from dist_train.data import Batch
 from dist_train.distributed import DistEnv, all_gather_objects, all_reduce_sum, broadcast_object, process_group
-from dist_train.process_settings import seed_everything
-from dist_train.run import build_trainable, forward_backward
-from dist_train.tasks import build_task
-from dist_train.tuning import optimizer_update, tool_run, tool_strategy
+from dist_train.train.assembly import assemble, device_strategy
+from dist_train.train.batch_search import resolve_batch
+from dist_train.train.step import forward_backward, optimizer_step
 from dist_train.worker_env import FLIGHT_RECORDER_DIR
 
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times the best
@@ -135,14 +133,9 @@ class RangeTest:
 
 def range_test(cfg: Config, env: DistEnv, options: RangeOptions) -> RangeTest:
     """The range test on every rank of the process group; each rank returns the same curve."""
-    strategy = tool_strategy(cfg, env)
+    strategy = device_strategy(cfg, env)
     batch = resolve_batch(cfg, env, strategy)  # data.batch_size=auto and train.global_batch, as training
-    seed_everything(cfg.run.seed)
-    data = build_pipeline(cfg.data, env, batch, cfg.run.seed)
-    trainable = build_trainable(cfg, env, strategy, data)
-    task = build_task(cfg.train)
-    run = tool_run(cfg, env, strategy, data, trainable, task, lambda step: options.lr(step) / cfg.optim.lr)
-    seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout), as in training
+    run = assemble(cfg, env, strategy, batch, lr_factor=lambda step: options.lr(step) / cfg.optim.lr)
     if env.is_main:
         print(_heading(cfg, batch, options), flush=True)
 
@@ -152,7 +145,7 @@ def range_test(cfg: Config, env: DistEnv, options: RangeOptions) -> RangeTest:
     for _ in range(options.steps):
         lr = run.optimizer.param_groups[0]["lr"]  # the base groups': optim.lr's place
         step_loss, _ = forward_backward(run, run.autocast())
-        optimizer_update(run, step_loss)
+        optimizer_step(run, run.trained_params, step_loss, measure_norm=False, skip_nonfinite=False)
         # The same number on every rank: the early stop below is decided alike everywhere.
         loss = all_reduce_sum(step_loss.detach().double().reshape(1)).item() / samples
         smoothed, smoothed_lr = smoother.add(lr, loss)

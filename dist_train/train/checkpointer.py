@@ -6,7 +6,7 @@ position, and whatever a component adds). A save writes each part's state under 
 a resume hands each part back the state saved under that name: one list, so a part cannot be
 saved and forgotten on resume. Beside them `record` holds what a checkpoint says about its run
 (the config as written, the plan, the W&B run id) and is never loaded back into anything.
-Model and optimizer go through DCP (checkpoint.py), resharded to any world size, and so do
+Model and optimizer go through DCP (checkpoint/store.py), resharded to any world size, and so do
 `tensors`, more sharded state under its own names (train.ema's average).
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from dist_train import checkpoint
-from dist_train.async_checkpoint import AsyncCheckpointer
+from dist_train.checkpoint.async_save import AsyncCheckpointer
 from dist_train.config import CheckpointConfig
 from dist_train.distributed import DistEnv
 from dist_train.optim import keep_kernel_choice, load_scheduler_position

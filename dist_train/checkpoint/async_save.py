@@ -2,7 +2,7 @@
 state is copied to host memory; DCP writes it and every rank hashes its share in a background
 thread while training goes on.
 
-The safety of a synchronous save is kept (checkpoint.py): files go to `step_N.partial/`, and
+The safety of a synchronous save is kept (store.py): files go to `step_N.partial/`, and
 the manifest and the rename that make the checkpoint visible to `resume: auto` happen only at
 the next checkpoint boundary, after every rank's background write finished. At most one save
 is in flight: the next one waits for it, which also keeps the staging buffers (reused between

@@ -1,7 +1,7 @@
 """`dist-train eval RUN_DIR`: a checkpoint's metrics on the run's validation (or training) split.
 
 The run's config.yaml plus key=value overrides builds the data and the model as training did
-(run.build_trainable); only the model is read from the checkpoint, through DCP, which
+(train/assembly.py: assemble); only the model is read from the checkpoint, through DCP, which
 reshards whatever strategy and world size wrote it. Evaluation is the trainer's own
 `evaluate`, so the numbers are those training logs, on any number of processes.
 
@@ -23,16 +23,13 @@ import torch
 from torch import nn
 
 from dist_train import checkpoint
-from dist_train.config import Config, UserError, check_device, load_config
-from dist_train.data import Batch, build_pipeline
+from dist_train.checkpoint.export import weights_checkpoint
+from dist_train.config import Config, UserError, load_config
+from dist_train.data import Batch
 from dist_train.data.loader import DataPipeline, load_datasets
 from dist_train.distributed import DistEnv, on_rank0, process_group, read_env
-from dist_train.export import weights_checkpoint
-from dist_train.parallel import SingleProcess, build_strategy
-from dist_train.process_settings import seed_everything, set_cuda_math
-from dist_train.run import autocast, build_trainable
-from dist_train.tasks import build_task
-from dist_train.trainer import evaluate
+from dist_train.train.assembly import assemble, device_strategy, fixed_lr
+from dist_train.train.evaluation import evaluate
 
 # val: the split training validates on; train: the training samples through the evaluation
 # transform (no augmentation), as a check of fit against the validation numbers.
@@ -112,8 +109,6 @@ def run_eval(
 def _run_eval(
     cfg: Config, env: DistEnv, run_dir: Path, overrides: list[str], step: int | None, split: str, out: Path | None
 ) -> EvalResult:
-    check_device(cfg, env.device.type == "cuda")
-
     def locate() -> tuple[Path, int, Path]:
         source = weights_checkpoint(run_dir, step)  # verified against its manifest
         found = checkpoint.step_of(source)
@@ -147,32 +142,23 @@ class EvalParts:
 def build_parts(cfg: Config, env: DistEnv, split: str, load: Callable[[nn.Module], None]) -> EvalParts:
     """The data and the model of `cfg` with `load(model)` filling its weights (a checkpoint or
     an exported file), and the evaluation that eval and quantize share."""
-    # A replica needs no DDP: its hooks serve gradients, and evaluation has none.
-    sharded = cfg.parallel.strategy == "fsdp"
-    strategy = build_strategy(cfg.parallel, env, cfg.train.precision) if sharded else SingleProcess()
-    if env.device.type == "cuda":
-        set_cuda_math(cfg.train)
-    seed_everything(cfg.run.seed)
+    strategy = device_strategy(cfg, env, trains=False)
     datasets = None
     if split == "train":  # the training samples in the validation slot: no augmentation, every one once
         loaded = load_datasets(cfg.data, env)
         datasets = dataclasses.replace(loaded, val=loaded.train, baseline_val_loss=None)
     # Only the validation side is read: the training side's batch (an `auto` micro-batch, the
-    # accumulation) needs no plan, and one sample per rank fits any training set.
-    data = build_pipeline(cfg.data, env, Batch(env.world_size, 1, 1), cfg.run.seed, datasets)
-    trainable = build_trainable(cfg, env, strategy, data, resuming=True)  # resuming: init_from is not read
-    load(trainable.model)
-    layout = torch.channels_last if trainable.channels_last else torch.preserve_format
-    amp = autocast(cfg.train.precision, env.device, strategy)
-    task = build_task(cfg.train)
+    # accumulation) needs no plan, and one sample per rank fits any training set. resuming:
+    # the weights are load()'s, so model.init_from is not read.
+    run = assemble(cfg, env, strategy, Batch(env.world_size, 1, 1), datasets, lr_factor=fixed_lr, resuming=True)
+    load(run.model)
+    amp = run.autocast()
 
-    def to_device(inputs: torch.Tensor) -> torch.Tensor:
-        return data.inputs_to_device(inputs, memory_format=layout)
+    def evaluate_model(model: nn.Module, save_to: tuple[Path, str] | None) -> dict[str, float]:
+        loader, batches = run.data.val_loader, cfg.train.eval_batches
+        return evaluate(model, run.task, loader, run.inputs_to_device, env.device, amp, batches, save_to)
 
-    def run(model: nn.Module, save_to: tuple[Path, str] | None) -> dict[str, float]:
-        return evaluate(model, task, data.val_loader, to_device, env.device, amp, cfg.train.eval_batches, save_to)
-
-    return EvalParts(strategy.unwrap(trainable.model), data, to_device, run)
+    return EvalParts(strategy.unwrap(run.model), run.data, run.inputs_to_device, evaluate_model)
 
 
 def _report(result: EvalResult, overrides: list[str], world_size: int) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from dist_train import checkpoint, compress_report
+from dist_train import checkpoint
+from dist_train.checkpoint.export import weights_checkpoint
 from dist_train.config import Config, UserError
-from dist_train.export import weights_checkpoint
+from dist_train.tools import compress_report
 
 
 def write_report(

@@ -2,7 +2,7 @@
 on every rank.
 
 A trial is one optimizer step of the real model (strategy, precision, fine-tuning as configured)
-on real batches of one size: trainer.forward_backward and the loop's update. Sizes double from 1
+on real batches of one size: step.py's forward_backward and optimizer_step, as training steps. Sizes double from 1
 until a trial fails or the training set's share per rank is reached, a binary search between the
 last fit and the first failure finds the edge, and about 10% is given back as headroom (allocator
 fragmentation, a longer sequence or a bigger image later).
@@ -40,13 +40,12 @@ from dist_train.config import Config, UserError
 from dist_train.data import Batch, Datasets, build_pipeline
 from dist_train.data.batch import check_global_batch, split_global_batch
 from dist_train.data.loader import load_datasets
-from dist_train.distributed import DistEnv, all_reduce_max, all_reduce_min, process_group
+from dist_train.distributed import DistEnv, all_reduce_max, all_reduce_min
 from dist_train.efficiency import local_shard, param_and_optimizer_bytes
 from dist_train.parallel import Strategy
-from dist_train.process_settings import seed_everything
-from dist_train.run import Run, UserParts, build_trainable, forward_backward
-from dist_train.tasks import LossFn, build_task
-from dist_train.tuning import optimizer_update, tool_run, tool_strategy
+from dist_train.tasks import LossFn
+from dist_train.train.assembly import Run, UserParts, assemble, fixed_lr
+from dist_train.train.step import forward_backward, optimizer_step
 
 # For tests only: a trial of a micro-batch larger than this raises torch.OutOfMemoryError in the
 # model's forward, on the ranks DIST_TRAIN_OOM_RANK lists (comma-separated; unset: every rank),
@@ -125,10 +124,16 @@ def search(
         # One micro-batch per step: accumulation adds no memory beyond the gradients a step has anyway.
         return build_pipeline(cfg.data, env, Batch(env.world_size, size, 1), cfg.run.seed, datasets)
 
-    seed_everything(cfg.run.seed)
-    data = pipeline(1)  # also the one-line errors of a dataset too small for even that
     cap = None if cfg.data.max_memory_gb is None else cfg.data.max_memory_gb * 2**30
-    trial_run = _trial_run(cfg, env, strategy, data, user_model, loss)
+    # What the trials step: the configured model, wrapped, with its optimizer, at lr x 1 (the
+    # pipeline of one sample also gives the one-line errors of a dataset too small for even that).
+    # The user's model object is trained on later: the trials step a copy. resuming=True: the
+    # weights do not matter here, so model.init_from is not read.
+    model = None if user_model is None else copy.deepcopy(user_model)
+    trial_parts = UserParts(model=model, datasets=datasets, loss=loss)
+    trial_run = assemble(
+        cfg, env, strategy, Batch(env.world_size, 1, 1), parts=trial_parts, lr_factor=fixed_lr, resuming=True
+    )
     trials: list[Trial] = []
 
     def attempt(size: int) -> bool:
@@ -165,17 +170,6 @@ def search(
     return BatchSearch(chosen, fit, fail, bound, bound_by, trials, cfg.data.max_memory_gb)
 
 
-def _trial_run(
-    cfg: Config, env: DistEnv, strategy: Strategy, data, user_model: nn.Module | None, loss: LossFn | None
-) -> Run:
-    """What the trials step: the configured model, wrapped and with its optimizer, at lr x 1."""
-    # The user's model object is trained on later: the trials step a copy. resuming=True: the
-    # weights do not matter here, so model.init_from is not read.
-    model = None if user_model is None else copy.deepcopy(user_model)
-    trainable = build_trainable(cfg, env, strategy, data, model, resuming=True)
-    return tool_run(cfg, env, strategy, data, trainable, build_task(cfg.train, loss), lambda step: 1.0)
-
-
 def release_memory(device: torch.device, compiled: bool = False) -> None:
     """Free what dropped objects still hold: FSDP's states and DDP's reducer sit in reference
     cycles that only a collection breaks, the CUDA allocator then hands its cached blocks back
@@ -199,7 +193,7 @@ def _trial(run: Run, size: int, cap: float | None) -> tuple[bool, float | None]:
                 torch.cuda.reset_peak_memory_stats(device)
             # sync=False under DDP: no gradient all-reduce that a failed rank would never join.
             step_loss, _ = forward_backward(run, run.autocast(), sync=run.strategy.name == "fsdp")
-            optimizer_update(run, step_loss)
+            optimizer_step(run, run.trained_params, step_loss, measure_norm=False, skip_nonfinite=False)
         if device.type == "cuda":
             used = float(torch.cuda.max_memory_allocated(device))
         elif estimate:
@@ -324,26 +318,3 @@ def resolve_batch(
             line += f"; {batch.micro} makes up train.global_batch={cfg.train.global_batch}"
         print(f"data.batch_size=auto: {line}", flush=True)
     return batch
-
-
-def find_batch(cfg: Config) -> BatchSearch:
-    """`dist-train find-batch`: the search on every rank of this process group (or alone);
-    rank 0 prints the trials and the override to use."""
-    with process_group(cfg.parallel.collective_timeout_s, cfg.parallel.backend) as env:
-        found = search(cfg, env, tool_strategy(cfg, env))
-        batch = split_global_batch(cfg, env.world_size, found.micro_batch, searched=True)
-        if env.is_main:
-            if found.max_memory_gb is None:
-                limit = "until out of memory"
-            else:
-                estimate = " (on a CPU, of an estimate: see README)" if env.device.type != "cuda" else ""
-                limit = f"data.max_memory_gb={found.max_memory_gb:g} per rank{estimate}"
-            print(
-                f"find-batch: {cfg.model.name} on {env.world_size} x {env.device.type}, {cfg.parallel.strategy}, "
-                f"{cfg.train.precision}; sizes up to {found.bound} per rank, {limit}",
-                flush=True,
-            )
-            print("\n".join([*found.table(), found.summary()]), flush=True)
-            print(batch.describe(), flush=True)
-            print(f"use: data.batch_size={batch.micro}", flush=True)
-        return found

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from dist_train import checkpoint
-from dist_train.batch_finder import resolve_batch
 from dist_train.checkpoint import CheckpointError
 from dist_train.config import Config, to_dict
 from dist_train.data import Batch, Datasets, total_steps
 from dist_train.distributed import DistEnv, on_rank0
 from dist_train.parallel import Strategy
-from dist_train.run import UserParts
+from dist_train.train.assembly import UserParts
+from dist_train.train.batch_search import resolve_batch
 
 # What must not change between the run that wrote a checkpoint and the run resuming it.
 # parallel.strategy may change: model and optimizer state are stored by parameter name.

@@ -1,28 +1,15 @@
-"""Atomic, verifiable checkpoints and `resume: auto|never|PATH`.
-
-Layout of one checkpoint, `checkpoints/step_00000100/`:
-  model_optim/     model and optimizer through torch.distributed.checkpoint (DCP): every rank
-                   writes its own shards (FSDP) or its share of the replicated tensors (DDP),
-                   keyed by parameter name, so any world size and strategy can load them
-  train_state.pt   scheduler, grad scaler, data position, progress, W&B id, config (rank 0)
-  rng_rank{r}.pt   python / numpy / torch / CUDA RNG states of rank r
-  manifest.json    format version, step, size and sha256 of every file, written last
-
-Everything is written into `step_00000100.partial/` and renamed only when complete, so a
-crash mid-save never leaves a directory that resume would pick. The manifest lets resume
-detect a truncated or corrupted checkpoint and fall back to the previous one.
-"""
+"""Writing and reading a checkpoint's contents: model and optimizer (and more named tensors)
+through torch.distributed.checkpoint, the train state, every rank's RNG; the atomic
+partial-then-rename protocol of a save. Where checkpoints are and whether they are whole is
+manifest.py's."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,19 +27,21 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dist_train.distributed import DistEnv, all_gather_objects, barrier, broadcast_object
-from dist_train.errors import UserError
-
-FORMAT_VERSION = 2  # 2: model and optimizer in DCP format (1 held them in train_state.pt)
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-MANIFEST = "manifest.json"
-TRAIN_STATE = "train_state.pt"
-MODEL_OPTIM = "model_optim"
-
-
-class CheckpointError(UserError):
-    pass
-
+from dist_train.checkpoint.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    MODEL_OPTIM,
+    TRAIN_STATE,
+    CheckpointError,
+    fsync_dir,
+    hash_files,
+    list_checkpoints,
+    partial_dir,
+    step_dir,
+    step_of,
+    write_durably,
+)
+from dist_train.distributed import DistEnv, barrier
 
 # --------------------------------------------------------------------------- RNG
 
@@ -77,28 +66,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# --------------------------------------------------------------------------- save
-
-
-def step_dir(checkpoint_root: Path, step: int) -> Path:
-    return checkpoint_root / f"step_{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_durably(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
@@ -141,11 +108,6 @@ def dcp_state(
     return {"model": model_state, "optim": optim_state, **(tensors or {})}
 
 
-def partial_dir(checkpoint_root: Path, step: int) -> Path:
-    final = step_dir(checkpoint_root, step)
-    return final.with_name(final.name + ".partial")
-
-
 def begin(checkpoint_root: Path, step: int, env: DistEnv) -> Path:
     """Collective: an empty step_N.partial/ that every rank then writes into."""
     partial = partial_dir(checkpoint_root, step)
@@ -159,9 +121,9 @@ def begin(checkpoint_root: Path, step: int, env: DistEnv) -> Path:
 
 def write_small_files(partial: Path, train_state: dict[str, Any], env: DistEnv) -> None:
     """This rank's RNG and, on rank 0, the train state: taken at the step being saved."""
-    _write_durably(partial / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
+    write_durably(partial / f"rng_rank{env.rank}.pt", lambda f: torch.save(rng_state(), f))
     if env.is_main:
-        _write_durably(partial / TRAIN_STATE, lambda f: torch.save(train_state, f))
+        write_durably(partial / TRAIN_STATE, lambda f: torch.save(train_state, f))
 
 
 def finish(
@@ -182,7 +144,7 @@ def finish(
         files = hash_files(partial, env)
     if env.is_main:
         manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": env.world_size, "files": files}
-        _write_durably(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        write_durably(partial / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         if final.exists():
             # Only when training was restarted from an older checkpoint: the new one wins.
             stale = final.with_name(final.name + ".stale")
@@ -193,112 +155,12 @@ def finish(
             shutil.rmtree(stale)
         else:
             os.replace(partial, final)
-        _fsync_dir(checkpoint_root)
+        fsync_dir(checkpoint_root)
         for old in list_checkpoints(checkpoint_root)[:-keep_last]:
             if step_of(old) not in also_keep:
                 shutil.rmtree(old)
     barrier()
     return final
-
-
-def hash_files(directory: Path, env: DistEnv, group=None) -> dict[str, dict[str, Any]]:
-    """Collective over `group`: size and sha256 of every file under `directory`, for the manifest.
-    Each rank hashes a share (rank 0's listing, split by size), so a sharded checkpoint is not
-    read back whole by one rank."""
-    shares: list[list[str]] = [[] for _ in range(env.world_size)]
-    if env.is_main:
-        sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
-        loads = [0] * env.world_size
-        for name in sorted(sizes, key=lambda n: (-sizes[n], n)):  # largest first to the least loaded
-            rank = loads.index(min(loads))
-            shares[rank].append(name)
-            loads[rank] += sizes[name]
-    mine = broadcast_object(shares, group=group)[env.rank]
-    hashed = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)} for name in mine}
-    return dict(sorted((name, entry) for part in all_gather_objects(hashed, group) for name, entry in part.items()))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- find and load
-
-
-def list_checkpoints(checkpoint_root: Path) -> list[Path]:
-    """Completed checkpoint directories, oldest first."""
-    if not checkpoint_root.is_dir():
-        return []
-    found = [p for p in checkpoint_root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=step_of)
-
-
-def step_of(checkpoint_dir: Path) -> int:
-    """The step a checkpoint directory (step_00000042) holds."""
-    return int(STEP_DIR.match(checkpoint_dir.name).group(1))
-
-
-def verify(path: Path) -> None:
-    """Raise CheckpointError unless every file matches the manifest recorded at save."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (incomplete or not a checkpoint)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        version = manifest["format_version"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} has an unreadable {MANIFEST}") from None
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {version}; this dist_train reads up to "
-            f"{FORMAT_VERSION} (upgrade dist_train)"
-        )
-    if version < FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format version {version}, written by an older dist_train; this one reads "
-            f"version {FORMAT_VERSION}"
-        )
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its recorded checksum")
-
-
-def latest_valid(checkpoint_root: Path) -> Path | None:
-    """Newest checkpoint that verifies; broken ones are reported in one line each and skipped."""
-    for path in reversed(list_checkpoints(checkpoint_root)):
-        try:
-            verify(path)
-            return path
-        except CheckpointError as exc:
-            print(f"warning: skipping {exc}", file=sys.stderr)
-    return None
-
-
-def resolve_resume(resume: str, checkpoint_root: Path) -> Path | None:
-    """The checkpoint to resume from, or None to start fresh; refuses to clobber an existing run."""
-    if resume == "auto":
-        return latest_valid(checkpoint_root)
-    if resume == "never":
-        existing = list_checkpoints(checkpoint_root)
-        if existing:
-            raise CheckpointError(
-                f"{checkpoint_root} already holds checkpoints (newest {existing[-1].name}) and "
-                "checkpoint.resume=never; use checkpoint.resume=auto or another run.name"
-            )
-        return None
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
-    verify(path)
-    return path
 
 
 def load_train_state(path: Path) -> dict[str, Any]:
@@ -313,19 +175,6 @@ def load_rng_state(path: Path, rank: int) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no RNG state for rank {rank}")
     return torch.load(file, map_location="cpu", weights_only=True)
-
-
-def set_aside_newer(checkpoint_root: Path, step: int) -> list[Path]:
-    """Rename checkpoints newer than `step` to step_N.abandoned[.K]; returns the new paths."""
-    moved = []
-    for path in list_checkpoints(checkpoint_root):
-        if step_of(path) > step:
-            target, k = path.with_name(path.name + ".abandoned"), 1
-            while target.exists():
-                target, k = path.with_name(f"{path.name}.abandoned.{k}"), k + 1
-            os.replace(path, target)
-            moved.append(target)
-    return moved
 
 
 def _saved_tensors(path: Path) -> dict[str, TensorStorageMetadata]:
