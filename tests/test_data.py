@@ -401,3 +401,15 @@ def test_a_dataset_is_downloaded_by_rank_0_first_then_once_per_node(tmp_path):
     # A node that cannot fetch: every rank gets the same one line, nobody waits forever.
     errors = {rank["error"] for rank in found["two_nodes_bad"]}
     assert len(errors) == 1 and "rank 1 (its node's first rank) could not get the data" in errors.pop()
+
+
+@pytest.mark.unit
+def test_digits_are_read_as_scikit_learn_reads_them():
+    from sklearn.datasets import load_digits
+
+    from dist_train.data.datasets import digits_arrays
+
+    pixels, targets = digits_arrays()
+    bunch = load_digits()
+    assert pixels.shape == (1797, 8, 8) and np.array_equal(pixels, bunch.images)
+    assert np.array_equal(targets, bunch.target)

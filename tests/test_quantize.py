@@ -159,3 +159,11 @@ def test_int8_static_quantizes_a_residual_block_that_calls_one_relu_twice():
     with torch.no_grad():
         want, got = model(example), quantized(example)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.unit
+def test_the_cli_offers_the_methods_quantize_knows():
+    from dist_train.commands import quantize as command
+    from dist_train.tools import quantize as tool
+
+    assert command.METHODS == tool.METHODS

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import gzip
+import importlib.util
 import inspect
 import os
 import sysconfig
@@ -49,12 +51,23 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _digits(cfg: DataConfig) -> Datasets:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (1797 8x8 images, pixel values 0-16, and their labels), read from
+    the file sklearn.datasets.load_digits reads: importing scikit-learn to get there costs every
+    process that trains on digits more than a second, for one 60 kB file."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("data.dataset=digits needs scikit-learn installed (its digits file ships with it)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
 
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(bunch.target, dtype=torch.long)
+
+def _digits(cfg: DataConfig) -> Datasets:
+    pixels, targets = digits_arrays()
+    images = torch.tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(targets, dtype=torch.long)
     # A fixed split (seed 0), independent of run.seed, so validation numbers compare across runs.
     order = torch.tensor(np.random.RandomState(0).permutation(len(labels)))
     n_val = len(labels) // 5
