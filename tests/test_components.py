@@ -353,6 +353,7 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 @pytest.mark.system
 def test_the_callbacks_example_stops_at_its_accuracy_and_stays_stopped(tmp_path):
+    import csv
     import subprocess
     import sys
 
@@ -369,6 +370,11 @@ def test_the_callbacks_example_stops_at_its_accuracy_and_stays_stopped(tmp_path)
     norms, running_max = logged(run_dir, "weight_norm"), logged(run_dir, "max_weight_norm")
     assert list(norms) == list(range(10, stopped + 1, 10))
     assert all(running_max[s] == max(v for t, v in norms.items() if t <= s) for s in norms)
+    # The tracker's on_log got every record metrics.jsonl got, the callback's own included.
+    with open(run_dir / "tracked.csv", newline="") as f:
+        tracked = [(int(row["step"]), row["name"], float(row["value"])) for row in csv.DictReader(f)]
+    for name in ("loss", "val_acc", "weight_norm"):
+        assert [(step, value) for step, key, value in tracked if key == name] == list(logged(run_dir, name).items())
 
     again = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"nothing to do: val_acc reached 0.9 at step {stopped}" in again.stdout

@@ -46,12 +46,16 @@ def _logged(root, name, key):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """10 steps of the same global batch of 16 on 4 processes: HSDP 2x2, DDP and plain FSDP
-    (replicate_degree auto: one node, so one replica). Shared: each torchrun start costs seconds."""
+    (replicate_degree auto: one node, so one replica), each keeping an EMA of its weights (which
+    changes no training number). Shared: each torchrun start costs seconds."""
     root = tmp_path_factory.mktemp("hsdp")
+    ema = {"train.ema.decay": 0.5, "train.ema.warmup": False}
     stdout = {
-        "hsdp": _launch(root, "hsdp", **HSDP).stdout,
-        "ddp": _launch(root, "ddp", **{"parallel.strategy": "ddp"}).stdout,
-        "fsdp": _launch(root, "fsdp", **{"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto"}).stdout,
+        "hsdp": _launch(root, "hsdp", **HSDP, **ema).stdout,
+        "ddp": _launch(root, "ddp", **{"parallel.strategy": "ddp"}, **ema).stdout,
+        "fsdp": _launch(
+            root, "fsdp", **{"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto"}, **ema
+        ).stdout,
     }
     return root, stdout
 
@@ -75,6 +79,17 @@ def test_hsdp_matches_ddp_and_fsdp_step_by_step(uninterrupted):
     for key, tensor in final["hsdp"].items():
         torch.testing.assert_close(tensor, final["ddp"][key], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(tensor, final["fsdp"][key], rtol=1e-4, atol=1e-5)
+    # train.ema under HSDP: each rank averages the shard it holds; gathered whole, the average
+    # is DDP's and FSDP's (and not the weights themselves).
+    averages = {
+        name: checkpoint.read_full_state(checkpoint.latest_valid(root / "runs" / name / "checkpoints"), "ema")
+        for name in ("hsdp", "ddp", "fsdp")
+    }
+    assert averages["hsdp"].keys() == averages["ddp"].keys() and "blocks.0.attn.qkv.weight" in averages["hsdp"]
+    for key, tensor in averages["hsdp"].items():
+        torch.testing.assert_close(tensor, averages["ddp"][key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tensor, averages["fsdp"][key], rtol=1e-4, atol=1e-5)
+    assert max((final["hsdp"][k] - averages["hsdp"][k]).abs().max() for k in averages["hsdp"]) > 1e-4
     # Sharded within a replica of 2 processes: about half of DDP's bytes per rank, twice FSDP's.
     state_mb = {name: _logged(root, name, "param_optim_mb")[10] for name in ("hsdp", "ddp", "fsdp")}
     assert 0.4 * state_mb["ddp"] < state_mb["hsdp"] < 0.6 * state_mb["ddp"], state_mb

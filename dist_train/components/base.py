@@ -7,6 +7,9 @@ The hooks, in the order a step meets them (each gets the Run: model, optimizer, 
     after_step(run, step)            after each optimizer step (and its LR-schedule step)
     after_eval(run, step, metrics)   after each scheduled evaluation (train.eval_every, the last
                                      step), metrics as logged, the same on every rank
+    on_log(run, step, metrics)       each record the run logs (every train.log_every steps: loss,
+                                     lr, speed; each evaluation; each save's stall), after rank
+                                     0's loggers wrote it: an experiment tracker of your own
     before_save(run, step)           before each checkpoint is written
     at_end(run, step)                once, after the invocation's last step and save
 
@@ -47,6 +50,9 @@ class Component:
         pass
 
     def after_eval(self, run: Run, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_log(self, run: Run, step: int, metrics: dict[str, float]) -> None:
         pass
 
     def before_save(self, run: Run, step: int) -> None:
@@ -114,6 +120,10 @@ class Components:
     def after_eval(self, run: Run, step: int, metrics: dict[str, float]) -> None:
         for c in self.components:
             c.after_eval(run, step, metrics)
+
+    def on_log(self, run: Run, step: int, metrics: dict[str, float]) -> None:
+        for c in self.components:
+            c.on_log(run, step, metrics)
 
     def before_save(self, run: Run, step: int) -> None:
         for c in self.components:

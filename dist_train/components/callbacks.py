@@ -16,7 +16,7 @@ from typing import Any
 from dist_train.components.base import Component, ComponentError
 from dist_train.config import UserError, import_object
 
-HOOKS = ("on_start", "after_step", "after_eval", "before_save", "at_end")
+HOOKS = ("on_start", "after_step", "after_eval", "on_log", "before_save", "at_end")
 
 
 class UserCallback(Component):
@@ -44,6 +44,9 @@ class UserCallback(Component):
 
     def after_eval(self, run, step: int, metrics: dict[str, float]) -> None:
         self._invoke("after_eval", run, step, metrics)
+
+    def on_log(self, run, step: int, metrics: dict[str, float]) -> None:
+        self._invoke("on_log", run, step, metrics)
 
     def before_save(self, run, step: int) -> None:
         self._invoke("before_save", run, step)

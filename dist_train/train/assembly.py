@@ -67,6 +67,13 @@ class Run:
     def trained_params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One record: to rank 0's loggers (metrics.jsonl, the console, W&B, TensorBoard,
+        MLflow), then to every component's on_log, on every rank (a component's on_log must
+        not log through here again)."""
+        self.logger.log(step, metrics)
+        self.components.on_log(self, step, metrics)
+
     def train_mode(self) -> None:
         finetune.train_mode(self.model, self.cfg.model)
 

@@ -106,7 +106,7 @@ class Interval:
             "step_time": elapsed / self.steps,
             "data_wait_fraction": self.data_wait / elapsed,
         }
-        run.logger.log(step, values)
+        run.log(step, values)
         self._reset()
 
     def _speed(self, elapsed: float) -> dict[str, float]:

@@ -93,7 +93,7 @@ def _evaluate(run: Run, step: int, amp) -> dict[str, float]:
             model, run.task, run.data.val_loader, run.inputs_to_device, run.env.device, amp,
             run.cfg.train.eval_batches, files,
         )  # fmt: skip
-    run.logger.log(step, metrics)
+    run.log(step, metrics)
     run.train_mode()
     return metrics
 
@@ -103,7 +103,7 @@ def _save(run: Run, interval: Interval, step: int, final: bool) -> Path:
     run.components.before_save(run, step)
     save_start = time.perf_counter()
     saved = run.checkpointer.save(step, final)
-    run.logger.log(step, {"checkpoint_stall_s": time.perf_counter() - save_start})  # what training waited
+    run.log(step, {"checkpoint_stall_s": time.perf_counter() - save_start})  # what training waited
     return saved
 
 
