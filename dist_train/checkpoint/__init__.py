@@ -17,6 +17,8 @@ The files, read top-down:
 `from dist_train import checkpoint` gives manifest's and store's functions by name.
 """
 
+from typing import Any
+
 from dist_train.checkpoint.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -34,24 +36,23 @@ from dist_train.checkpoint.manifest import (
     step_of,
     verify,
 )
-from dist_train.checkpoint.store import (
-    EMA,
-    begin,
-    dcp_state,
-    finish,
-    load_model,
-    load_model_and_optimizer,
-    load_rng_state,
-    load_train_state,
-    quiet_dcp,
-    read_full_state,
-    read_weights,
-    rng_state,
-    save,
-    saved_names,
-    set_rng_state,
-    write_small_files,
-)
+
+# store.py's names load torch.distributed.checkpoint (and DTensor, sympy: about a second) when
+# first used, not on import: the launcher and the CLI only find and verify checkpoints.
+_STORE = frozenset({
+    "EMA", "begin", "dcp_state", "finish", "load_model", "load_model_and_optimizer", "load_rng_state",
+    "load_train_state", "quiet_dcp", "read_full_state", "read_weights", "rng_state", "save", "saved_names",
+    "set_rng_state", "write_small_files",
+})  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _STORE:
+        from dist_train.checkpoint import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EMA", "FORMAT_VERSION", "MANIFEST", "MODEL_OPTIM", "STEP_DIR", "TRAIN_STATE", "CheckpointError",
