@@ -157,6 +157,40 @@ def launch_gpt(root: Path, name: str, gpt: dict, nproc: int, **overrides: object
     return proc
 
 
+def launch_runs(root: Path, config: str, nproc: int, runs: dict[str, dict]) -> dict[str, str]:
+    """Runs `runs` ({run.name: overrides}) of `config` one after another in one torchrun launch
+    of `nproc` processes (tests/runs_worker.py), under root/runs; asserts they succeeded and
+    returns each run's stdout. For runs compared with each other: one start, not one each."""
+    spec = {
+        "config": config,
+        "runs": [
+            {"name": name, "overrides": tiny_overrides(root, **{"run.name": name, **values})}
+            for name, values in runs.items()
+        ],
+    }
+    spec_path = root / f"runs_{'_'.join(runs)}.json"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    proc = subprocess.run(
+        [*command, str(REPO / "tests" / "runs_worker.py"), str(spec_path)],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    sections = proc.stdout.split("=== run ")[1:]
+    return {section.split("\n", 1)[0]: section for section in sections}
+
+
+def gpt_runs(root: Path, gpt: dict, nproc: int, runs: dict[str, dict]) -> dict[str, str]:
+    """launch_runs of configs/gpt_cpu.yaml with a tiny GPT (`gpt`: its overrides) on a generated
+    corpus, as launch_gpt trains one."""
+    paths = write_text_corpus(root / "corpus")
+    shared = {"data.paths": json.dumps(paths), **gpt}
+    return launch_runs(
+        root, "configs/gpt_cpu.yaml", nproc, {name: {**shared, **values} for name, values in runs.items()}
+    )
+
+
 def metrics_records(run_dir: Path) -> list[dict]:
     """Every record rank 0 wrote to RUN_DIR/metrics.jsonl, in order."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, cli_env, final_model, launch_gpt, logged, metrics_records, run_cli, tiny_overrides
+from conftest import REPO, cli_env, final_model, gpt_runs, launch_gpt, logged, metrics_records, run_cli, tiny_overrides
 
 from dist_train import checkpoint
 
@@ -33,26 +33,20 @@ GPT = {
 }
 
 
-def _launch(tmp_path, name, nproc=2, **overrides):
-    return launch_gpt(tmp_path, name, GPT, nproc, **overrides)
+def _launch(root, name, nproc=2, **overrides):
+    return launch_gpt(root, name, GPT, nproc, **overrides)
 
 
 _params = final_model
+FSDP = {"parallel.strategy": "fsdp"}
+ACCUM = {"parallel.strategy": "fsdp", "data.batch_size": 2, "train.grad_accum_steps": 2}
 
 
-def _logged(tmp_path, name, key):
-    return list(logged(tmp_path / "runs" / name, key).values())
-
-
-def _losses(tmp_path, name):
-    return _logged(tmp_path, name, "loss")
-
-
-def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(tmp_path):
-    _launch(tmp_path, "ddp", **{"parallel.strategy": "ddp"})
-    _launch(tmp_path, "fsdp", **{"parallel.strategy": "fsdp"})
-    accum = {"parallel.strategy": "fsdp", "data.batch_size": 2, "train.grad_accum_steps": 2}
-    _launch(tmp_path, "fsdp_accum", **accum)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The runs these tests compare, all on 2 ranks, trained one after another in one torchrun
+    launch (each start costs seconds); a run that resumes one of them gets a launch of its own."""
+    root = tmp_path_factory.mktemp("fsdp")
     # The memory-saving options change where work happens, not the numbers.
     options = {
         "parallel.activation_checkpointing": True,
@@ -61,54 +55,75 @@ def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(tmp_path):
     }
     if shutil.which("cc"):  # torch.compile's CPU backend needs a C compiler
         options["train.compile"] = True
-    _launch(tmp_path, "fsdp_options", **accum, **options)
+    runs = {
+        "ddp": {"parallel.strategy": "ddp"},
+        "fsdp": FSDP,  # 2 ranks x batch 4, uninterrupted: the reference of the resumes below
+        "fsdp_accum": ACCUM,
+        "fsdp_options": {**ACCUM, **options},
+        "bf16": {**FSDP, "train.precision": "bf16"},
+        "to_export": {**FSDP, "train.max_steps": 2},
+        "split": {**FSDP, "train.stop_at_step": 2},  # resumed on 2 ranks
+        "elastic_2to1": {**FSDP, "train.stop_at_step": 2},  # resumed on 1
+    }
+    return root, gpt_runs(root, GPT, 2, runs)
+
+
+def _logged(root, name, key):
+    return list(logged(root / "runs" / name, key).values())
+
+
+def _losses(root, name):
+    return _logged(root, name, "loss")
+
+
+def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(two_ranks):
+    root, _ = two_ranks
     runs = ("ddp", "fsdp", "fsdp_accum", "fsdp_options")
-    ddp, fsdp, accumulated, with_options = (_params(tmp_path, n) for n in runs)
+    ddp, fsdp, accumulated, with_options = (_params(root, n) for n in runs)
     assert ddp.keys() == fsdp.keys() == with_options.keys() and "blocks.0.attn.qkv.weight" in fsdp
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(accumulated[key], fsdp[key], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(with_options[key], fsdp[key], rtol=1e-4, atol=1e-5)
-    for a, b in zip(_losses(tmp_path, "fsdp"), _losses(tmp_path, "ddp"), strict=True):
+    for a, b in zip(_losses(root, "fsdp"), _losses(root, "ddp"), strict=True):
         assert abs(a - b) < 1e-4
     # Clipping (gpt_cpu.yaml clips at 1.0) sees the global norm of the sharded gradients.
-    for a, b in zip(_logged(tmp_path, "fsdp", "grad_norm"), _logged(tmp_path, "ddp", "grad_norm"), strict=True):
+    for a, b in zip(_logged(root, "fsdp", "grad_norm"), _logged(root, "ddp", "grad_norm"), strict=True):
         assert abs(a - b) < 1e-4 * b
 
 
-def test_fsdp_resume_is_bitwise_exact(tmp_path):
-    _launch(tmp_path, "straight", **{"parallel.strategy": "fsdp"})
-    _launch(tmp_path, "split", **{"parallel.strategy": "fsdp", "train.stop_at_step": 2})
-    proc = _launch(tmp_path, "split", **{"parallel.strategy": "fsdp"})
+def test_fsdp_resume_is_bitwise_exact(two_ranks):
+    root, _ = two_ranks
+    proc = _launch(root, "split", **FSDP)  # a fresh launch resumes the run stopped at step 2
     assert "at step 2" in proc.stdout
-    straight, resumed = _params(tmp_path, "straight"), _params(tmp_path, "split")
+    straight, resumed = _params(root, "fsdp"), _params(root, "split")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
-    optim = checkpoint.read_full_state(checkpoint.latest_valid(tmp_path / "runs" / "split" / "checkpoints"), "optim")
+    optim = checkpoint.read_full_state(checkpoint.latest_valid(root / "runs" / "split" / "checkpoints"), "optim")
     assert "state.blocks.0.attn.qkv.weight.exp_avg" in optim  # keyed by parameter name, gathered whole
 
 
-def test_fsdp_bf16_trains(tmp_path):
-    _launch(tmp_path, "bf16", **{"parallel.strategy": "fsdp", "train.precision": "bf16"})
-    params = _params(tmp_path, "bf16")
+def test_fsdp_bf16_trains(two_ranks):
+    root, _ = two_ranks
+    params = _params(root, "bf16")
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in params.values())
-    assert all(loss < 6.0 for loss in _losses(tmp_path, "bf16"))
+    assert all(loss < 6.0 for loss in _losses(root, "bf16"))
 
 
-def test_export_from_an_fsdp_checkpoint_reproduces_the_logits(tmp_path):
+def test_export_from_an_fsdp_checkpoint_reproduces_the_logits(two_ranks, tmp_path):
     from safetensors.torch import load_file
 
     from dist_train.gpt import GPT
 
-    _launch(tmp_path, "to_export", **{"parallel.strategy": "fsdp", "train.max_steps": 2})
-    run_dir = tmp_path / "runs" / "to_export"
+    root, _ = two_ranks
+    run_dir = root / "runs" / "to_export"
     out = tmp_path / "model.safetensors"
     proc = run_cli("export", str(run_dir), "--out", str(out), cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     plain = GPT(vocab_size=256, context=32, n_layer=2, n_head=2, width=32)
     plain.load_state_dict(load_file(str(out)))
     reference = GPT(vocab_size=256, context=32, n_layer=2, n_head=2, width=32)
-    reference.load_state_dict(_params(tmp_path, "to_export"))
+    reference.load_state_dict(_params(root, "to_export"))
     tokens = torch.randint(0, 256, (2, 32))
     torch.testing.assert_close(plain(tokens), reference(tokens), rtol=0, atol=0)
 
@@ -136,13 +151,12 @@ def _reload(tmp_path, source, nproc):
 
 
 @pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), (1, 2)])
-def test_a_checkpoint_reshards_onto_another_world_size(tmp_path, saved_on, resumed_on):
-    fsdp = {"parallel.strategy": "fsdp"}
-    _launch(tmp_path, "straight", **fsdp)  # 2 ranks x batch 4, uninterrupted
-    # The same global batch of 8 on one rank takes 2 micro-batches; on resume it adapts.
-    first = {"train.grad_accum_steps": 2} if saved_on == 1 else {}
-    _launch(tmp_path, "elastic", nproc=saved_on, **fsdp, **first, **{"train.stop_at_step": 2})
-    saved = checkpoint.latest_valid(tmp_path / "runs" / "elastic" / "checkpoints")
+def test_a_checkpoint_reshards_onto_another_world_size(two_ranks, tmp_path, saved_on, resumed_on):
+    root, _ = two_ranks
+    name = f"elastic_{saved_on}to{resumed_on}"
+    if saved_on == 1:  # the same global batch of 8 on one rank takes 2 micro-batches; on resume it adapts
+        _launch(root, name, nproc=1, **FSDP, **{"train.grad_accum_steps": 2, "train.stop_at_step": 2})
+    saved = checkpoint.latest_valid(root / "runs" / name / "checkpoints")
 
     reloaded = _reload(tmp_path, saved, resumed_on)
     for prefix in ("model", "optim"):
@@ -151,14 +165,14 @@ def test_a_checkpoint_reshards_onto_another_world_size(tmp_path, saved_on, resum
         for key, tensor in written.items():
             assert torch.equal(reloaded[prefix][key], tensor), f"{prefix} {key}"
 
-    proc = _launch(tmp_path, "elastic", nproc=resumed_on, **fsdp)
+    proc = _launch(root, name, nproc=resumed_on, **FSDP)
     assert f"written by {saved_on} processes, resumed on {resumed_on}" in proc.stdout
     # Steps 1-2 ran on one world size, 3-4 on the other: FSDP on 2 ranks holds about half the
     # parameter and optimizer bytes per rank (rank 0's local shards, as logged).
-    state_mb = logged(tmp_path / "runs" / "elastic", "param_optim_mb")
-    one_rank, two_ranks = (state_mb[2], state_mb[4]) if saved_on == 1 else (state_mb[4], state_mb[2])
-    assert two_ranks <= 0.55 * one_rank
-    straight, resumed = _params(tmp_path, "straight"), _params(tmp_path, "elastic")
+    state_mb = logged(root / "runs" / name, "param_optim_mb")
+    one_rank, two_ranks_mb = (state_mb[2], state_mb[4]) if saved_on == 1 else (state_mb[4], state_mb[2])
+    assert two_ranks_mb <= 0.55 * one_rank
+    straight, resumed = _params(root, "fsdp"), _params(root, name)
     for key in straight:  # the same samples per step, only summed in another order
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
 
