@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -199,6 +200,22 @@ def metrics_records(run_dir: Path) -> list[dict]:
 def logged(run_dir: Path, key: str) -> dict[int, Any]:
     """{step: value} of every metrics.jsonl record that holds `key`, in step order."""
     return {record["step"]: record[key] for record in metrics_records(run_dir) if key in record}
+
+
+def run_logged(root: Path, name: str, key: str) -> dict[int, Any]:
+    """logged() of run `name` under root/runs."""
+    return logged(root / "runs" / name, key)
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """Every path under root -> sha256 of its bytes ('<dir>' for a folder): compare two to see
+    that nothing was written, changed or removed."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def final_model(root: Path, name: str) -> dict:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, metrics_records, run_cli, tiny_overrides
+from conftest import REPO, file_hashes, metrics_records, run_cli, tiny_overrides
 
 from dist_train.config import load_config
 
@@ -17,16 +16,6 @@ DIGITS = str(REPO / "configs" / "digits.yaml")
 # For mistakes found when training starts, where the data does not matter: no scikit-learn import (~2 s less).
 QUICK_DATA = {"data.dataset": "synthetic", "data.synthetic_shape": "[1,8,8]", "data.synthetic_size": 64}
 COMMANDS = {"train": ["train"], "launch": ["launch", "--nproc-per-node", "1"]}
-
-
-def _tree(root: Path) -> dict[str, str]:
-    """Every file under root -> sha256 of its bytes (directories as '<dir>')."""
-    if not root.exists():
-        return {}
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -59,9 +48,9 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 def _cli_in(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """Run the CLI from tmp_path (so stray relative outputs would land there) and check it wrote nothing."""
-    before = _tree(tmp_path)
+    before = file_hashes(tmp_path)
     proc = run_cli(*args, cwd=tmp_path, timeout=120)
-    assert _tree(tmp_path) == before, f"a failing run changed {tmp_path}:\n{proc.stderr}"
+    assert file_hashes(tmp_path) == before, f"a failing run changed {tmp_path}:\n{proc.stderr}"
     return proc
 
 
@@ -250,13 +239,13 @@ def test_resume_never_refuses_an_existing_run(tiny_run):
     root, first = tiny_run
     assert first.returncode == 0, first.stderr
     run_dir = root / "runs" / "digits"
-    before = _tree(run_dir)
+    before = file_hashes(run_dir)
     assert any(name.endswith("manifest.json") for name in before)
     # Same run directory (run.name=digits); the dataset does not matter to the refusal.
     overrides = tiny_overrides(root, **QUICK_DATA, **{"checkpoint.resume": "never"})
     proc = run_cli("train", "configs/digits.yaml", *overrides, cwd=REPO)
     assert_one_line_error(proc, "checkpoint.resume=never", "step_00000006")
-    assert _tree(run_dir) == before  # checkpoints, config.yaml and metrics.jsonl byte-identical
+    assert file_hashes(run_dir) == before  # checkpoints, config.yaml and metrics.jsonl byte-identical
 
 
 # --------------------------------------------------------------------------- the rest of the bad-input battery

@@ -384,7 +384,7 @@ def test_the_callbacks_example_stops_at_its_accuracy_and_stays_stopped(tmp_path)
 def test_ema_under_fsdp_matches_ddp_and_reshards_onto_another_world_size(tmp_path):
     """A tiny GPT (its embedding and head tied) on 2 gloo ranks: FSDP's average, kept shard by
     shard, equals DDP's whole one; saved on 2 ranks and resumed on 1 it continues to the same."""
-    from conftest import launch_gpt
+    from conftest import gpt_runs, launch_gpt
 
     gpt = {
         "data.dataset": "text", "data.seq_len": 32, "data.batch_size": 4, "model.name": "gpt",
@@ -392,9 +392,12 @@ def test_ema_under_fsdp_matches_ddp_and_reshards_onto_another_world_size(tmp_pat
         "train.max_steps": 4, "train.log_every": 1, "train.eval_batches": 2, "checkpoint.every_steps": 0,
         "train.ema.decay": 0.5, "train.ema.warmup": False,
     }  # fmt: skip
-    launch_gpt(tmp_path, "ddp", gpt, 2, **{"parallel.strategy": "ddp"})
-    launch_gpt(tmp_path, "fsdp", gpt, 2, **{"parallel.strategy": "fsdp"})
-    launch_gpt(tmp_path, "elastic", gpt, 2, **{"parallel.strategy": "fsdp", "train.stop_at_step": 2})
+    runs = {
+        "ddp": {"parallel.strategy": "ddp"},
+        "fsdp": {"parallel.strategy": "fsdp"},
+        "elastic": {"parallel.strategy": "fsdp", "train.stop_at_step": 2},
+    }
+    gpt_runs(tmp_path, gpt, 2, runs)  # one launch trains the three, one after another
     proc = launch_gpt(tmp_path, "elastic", gpt, 1, **{"parallel.strategy": "fsdp"})
     assert "written by 2 processes, resumed on 1" in proc.stdout
 

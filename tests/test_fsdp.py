@@ -9,7 +9,18 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, cli_env, final_model, gpt_runs, launch_gpt, logged, metrics_records, run_cli, tiny_overrides
+from conftest import (
+    REPO,
+    cli_env,
+    final_model,
+    gpt_runs,
+    launch_gpt,
+    logged,
+    metrics_records,
+    run_cli,
+    run_logged,
+    tiny_overrides,
+)
 
 from dist_train import checkpoint
 
@@ -68,14 +79,6 @@ def two_ranks(tmp_path_factory):
     return root, gpt_runs(root, GPT, 2, runs)
 
 
-def _logged(root, name, key):
-    return list(logged(root / "runs" / name, key).values())
-
-
-def _losses(root, name):
-    return _logged(root, name, "loss")
-
-
 def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(two_ranks):
     root, _ = two_ranks
     runs = ("ddp", "fsdp", "fsdp_accum", "fsdp_options")
@@ -85,10 +88,12 @@ def test_fsdp_matches_ddp_and_accumulation_matches_a_big_batch(two_ranks):
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(accumulated[key], fsdp[key], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(with_options[key], fsdp[key], rtol=1e-4, atol=1e-5)
-    for a, b in zip(_losses(root, "fsdp"), _losses(root, "ddp"), strict=True):
+    for a, b in zip(run_logged(root, "fsdp", "loss").values(), run_logged(root, "ddp", "loss").values(), strict=True):
         assert abs(a - b) < 1e-4
     # Clipping (gpt_cpu.yaml clips at 1.0) sees the global norm of the sharded gradients.
-    for a, b in zip(_logged(root, "fsdp", "grad_norm"), _logged(root, "ddp", "grad_norm"), strict=True):
+    for a, b in zip(
+        run_logged(root, "fsdp", "grad_norm").values(), run_logged(root, "ddp", "grad_norm").values(), strict=True
+    ):
         assert abs(a - b) < 1e-4 * b
 
 
@@ -107,7 +112,7 @@ def test_fsdp_bf16_trains(two_ranks):
     root, _ = two_ranks
     params = _params(root, "bf16")
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in params.values())
-    assert all(loss < 6.0 for loss in _losses(root, "bf16"))
+    assert all(loss < 6.0 for loss in run_logged(root, "bf16", "loss").values())
 
 
 def test_export_from_an_fsdp_checkpoint_reproduces_the_logits(two_ranks, tmp_path):

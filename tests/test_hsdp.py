@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, final_model, launch_gpt, logged, run_cli, tiny_overrides, two_node_agents
+from conftest import REPO, final_model, gpt_runs, launch_gpt, run_cli, run_logged, tiny_overrides, two_node_agents
 
 from dist_train import checkpoint
 from dist_train.config import ConfigError, ParallelConfig
@@ -39,10 +39,6 @@ def _launch(root, name, nproc=4, **overrides):
 _params = final_model
 
 
-def _logged(root, name, key):
-    return logged(root / "runs" / name, key)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """10 steps of the same global batch of 16 on 4 processes: HSDP 2x2, DDP and plain FSDP
@@ -50,13 +46,12 @@ def uninterrupted(tmp_path_factory):
     changes no training number). Shared: each torchrun start costs seconds."""
     root = tmp_path_factory.mktemp("hsdp")
     ema = {"train.ema.decay": 0.5, "train.ema.warmup": False}
-    stdout = {
-        "hsdp": _launch(root, "hsdp", **HSDP, **ema).stdout,
-        "ddp": _launch(root, "ddp", **{"parallel.strategy": "ddp"}, **ema).stdout,
-        "fsdp": _launch(
-            root, "fsdp", **{"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto"}, **ema
-        ).stdout,
+    runs = {
+        "hsdp": {**HSDP, **ema},
+        "ddp": {"parallel.strategy": "ddp", **ema},
+        "fsdp": {"parallel.strategy": "fsdp", "parallel.replicate_degree": "auto", **ema},
     }
+    stdout = gpt_runs(root, GPT, 4, runs)  # one launch trains the three, one after another
     return root, stdout
 
 
@@ -65,15 +60,15 @@ def test_hsdp_matches_ddp_and_fsdp_step_by_step(uninterrupted):
     root, stdout = uninterrupted
     assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in stdout["hsdp"]
     assert "mesh: dp_shard=4 (FSDP)" in stdout["fsdp"] and "mesh:" not in stdout["ddp"]
-    hsdp = _logged(root, "hsdp", "loss")
+    hsdp = run_logged(root, "hsdp", "loss")
     assert sorted(hsdp) == list(range(1, 11))
     for other in ("ddp", "fsdp"):
-        assert _logged(root, other, "loss").keys() == hsdp.keys()
-        for step, loss in _logged(root, other, "loss").items():
+        assert run_logged(root, other, "loss").keys() == hsdp.keys()
+        for step, loss in run_logged(root, other, "loss").items():
             assert abs(hsdp[step] - loss) < 1e-4, (other, step)
         # gpt_cpu.yaml clips at 1.0: the norm of gradients sharded over a 2-D mesh is the global one.
-        for step, norm in _logged(root, other, "grad_norm").items():
-            assert abs(_logged(root, "hsdp", "grad_norm")[step] - norm) < 1e-4 * norm, (other, step)
+        for step, norm in run_logged(root, other, "grad_norm").items():
+            assert abs(run_logged(root, "hsdp", "grad_norm")[step] - norm) < 1e-4 * norm, (other, step)
     final = {name: _params(root, name) for name in ("hsdp", "ddp", "fsdp")}
     assert final["hsdp"].keys() == final["ddp"].keys() and "blocks.0.attn.qkv.weight" in final["hsdp"]
     for key, tensor in final["hsdp"].items():
@@ -91,7 +86,7 @@ def test_hsdp_matches_ddp_and_fsdp_step_by_step(uninterrupted):
         torch.testing.assert_close(tensor, averages["fsdp"][key], rtol=1e-4, atol=1e-5)
     assert max((final["hsdp"][k] - averages["hsdp"][k]).abs().max() for k in averages["hsdp"]) > 1e-4
     # Sharded within a replica of 2 processes: about half of DDP's bytes per rank, twice FSDP's.
-    state_mb = {name: _logged(root, name, "param_optim_mb")[10] for name in ("hsdp", "ddp", "fsdp")}
+    state_mb = {name: run_logged(root, name, "param_optim_mb")[10] for name in ("hsdp", "ddp", "fsdp")}
     assert 0.4 * state_mb["ddp"] < state_mb["hsdp"] < 0.6 * state_mb["ddp"], state_mb
     assert 1.6 * state_mb["fsdp"] < state_mb["hsdp"] < 2.4 * state_mb["fsdp"], state_mb
 
@@ -126,7 +121,7 @@ def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
         if index:
             assert f"at step {2 * index}" in stdout[-1]
     assert "mesh: dp_replicate=2 x dp_shard=2 (HSDP)" in stdout[0] and "mesh: dp_shard=2 (FSDP)" in stdout[1]
-    straight, elastic = _logged(root, "hsdp", "loss"), _logged(root, "elastic", "loss")
+    straight, elastic = run_logged(root, "hsdp", "loss"), run_logged(root, "elastic", "loss")
     assert elastic.keys() == straight.keys()
     for step, loss in elastic.items():  # the same samples per step, only summed in another order
         assert abs(loss - straight[step]) < 1e-4, step

@@ -8,7 +8,6 @@ process computes with scikit-learn from the checkpoint's weights over the whole 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, metrics_records, run_cli, tiny_overrides
+from conftest import REPO, file_hashes, metrics_records, run_cli, tiny_overrides
 
 from dist_train import checkpoint, cli
 from dist_train.config import DataConfig
@@ -55,7 +54,7 @@ def fsdp_run(tmp_path_factory) -> Path:
     return tmp / "runs" / "fsdp"
 
 
-def _logged(run_dir: Path, step: int) -> dict[str, float]:
+def _eval_record(run_dir: Path, step: int) -> dict[str, float]:
     (row,) = [r for r in metrics_records(run_dir) if r["step"] == step and "val_loss" in r]
     return {k: v for k, v in row.items() if k not in ("step", "time")}
 
@@ -98,14 +97,9 @@ def _read_confusion(path: Path) -> np.ndarray:
     return table[:, 1:]
 
 
-def _tree(root: Path) -> dict[str, str]:
-    files = (p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
 def test_two_fsdp_ranks_log_what_one_process_computes_with_sklearn(fsdp_run):
     for step in (10, 20):
-        logged = _logged(fsdp_run, step)
+        logged = _eval_record(fsdp_run, step)
         expected, confusion = _reference(fsdp_run, step)
         _assert_same(logged, expected)
         assert logged["val_top5"] >= logged["val_acc"]
@@ -119,20 +113,20 @@ def test_two_fsdp_ranks_log_what_one_process_computes_with_sklearn(fsdp_run):
 
 
 def test_eval_on_one_process_gives_the_numbers_logged_by_two_fsdp_ranks(fsdp_run, capsys):
-    before = _tree(fsdp_run)
+    before = file_hashes(fsdp_run)
     assert cli.main(["eval", str(fsdp_run)]) == 0
     out = capsys.readouterr().out
     first = fsdp_run / "eval" / "val-step_00000020"
     record = json.loads((first / "metrics.json").read_text())
     assert (record["step"], record["split"], record["samples"], record["processes"]) == (20, "val", VAL_SIZE, 1)
-    _assert_same(record["metrics"], _logged(fsdp_run, 20))
+    _assert_same(record["metrics"], _eval_record(fsdp_run, 20))
     assert f"| val_acc       | {record['metrics']['val_acc']:.6g}" in out
     assert (_read_confusion(first / "confusion" / "step_00000020.csv") == _reference(fsdp_run, 20)[1]).all()
     # Again: a folder of its own; nothing the run or the first evaluation wrote changes.
-    evaluated = _tree(fsdp_run)
+    evaluated = file_hashes(fsdp_run)
     assert cli.main(["eval", str(fsdp_run)]) == 0
     assert (fsdp_run / "eval" / "val-step_00000020.2" / "metrics.json").is_file()
-    after = _tree(fsdp_run)
+    after = file_hashes(fsdp_run)
     assert {k: after[k] for k in evaluated} == evaluated and {k: evaluated[k] for k in before} == before
 
 
@@ -145,7 +139,7 @@ def test_eval_on_two_ranks_whose_shards_take_different_batch_counts(fsdp_run, tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     record = json.loads((out / "metrics.json").read_text())
     assert (record["processes"], record["samples"], record["step"]) == (2, VAL_SIZE, 10)
-    _assert_same(record["metrics"], _logged(fsdp_run, 10))
+    _assert_same(record["metrics"], _eval_record(fsdp_run, 10))
     assert proc.stdout.count("| val_loss ") == 1  # rank 0 alone prints the table
 
 
@@ -184,12 +178,12 @@ def test_bad_input_is_one_line_and_writes_nothing(fsdp_run, tmp_path, capsys):
         (str(fsdp_run), "data.eval_batch_sizee=8"): "unknown config key data.eval_batch_sizee",
         (str(fsdp_run), "--out", str(taken)): "already exists and is not an empty folder",
     }
-    trees = {path: _tree(path) for path in (fsdp_run, corrupt, no_checkpoints, taken)}
+    trees = {path: file_hashes(path) for path in (fsdp_run, corrupt, no_checkpoints, taken)}
     for args, message in cases.items():
         assert cli.main(["eval", *args]) == 2, args
         captured = capsys.readouterr()
         assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, (args, captured.err)
         assert message in captured.err, (args, captured.err)
         assert not captured.out, args
-    assert {path: _tree(path) for path in trees} == trees
+    assert {path: file_hashes(path) for path in trees} == trees
     assert not (tmp_path / "nope").exists()

@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO, final_model, run_cli, tiny_overrides
+from conftest import REPO, final_model, launch_runs, run_cli, tiny_overrides
 
+import dist_train
 from dist_train import checkpoint
 from dist_train.config import DataConfig, ModelConfig, ParallelConfig, load_config
 from dist_train.data import build_datasets
@@ -42,9 +43,12 @@ def _launch(tmp_path, nproc, name, **overrides):
 
 @pytest.mark.system
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path):
-    _launch(tmp_path, 1, "one", **{"data.batch_size": 32})
-    _launch(tmp_path, 2, "two", **{"data.batch_size": 16})
-    _launch(tmp_path, 2, "two_accum", **{"data.batch_size": 8, "train.grad_accum_steps": 2})
+    # One process in this one; the two 2-rank runs one after another in one launch.
+    dist_train.fit(
+        "configs/digits.yaml", tiny_overrides(tmp_path, **{"run.name": "one", **COMMON, "data.batch_size": 32})
+    )
+    two = {"two": {"data.batch_size": 16}, "two_accum": {"data.batch_size": 8, "train.grad_accum_steps": 2}}
+    launch_runs(tmp_path, "configs/digits.yaml", 2, {name: {**COMMON, **values} for name, values in two.items()})
     one = final_model(tmp_path, "one")
     for name in ("two", "two_accum"):
         other = final_model(tmp_path, name)
@@ -87,9 +91,9 @@ def test_one_process_trains_ddp_as_none():
 def test_two_rank_resume_is_bitwise_exact(tmp_path):
     # Stop mid-epoch with accumulation on 2 ranks, resume, and compare with an uninterrupted run.
     run = {"data.batch_size": 8, "train.grad_accum_steps": 2, "train.max_steps": 6, "optim.momentum": 0.9}
-    _launch(tmp_path, 2, "straight", **run)
-    _launch(tmp_path, 2, "split", **run, **{"train.stop_at_step": 3})
-    proc = _launch(tmp_path, 2, "split", **run)
+    runs = {"straight": {**COMMON, **run}, "split": {**COMMON, **run, "train.stop_at_step": 3}}
+    launch_runs(tmp_path, "configs/digits.yaml", 2, runs)  # one launch, one run after the other
+    proc = _launch(tmp_path, 2, "split", **run)  # a fresh launch resumes
     assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
     straight, resumed = final_model(tmp_path, "straight"), final_model(tmp_path, "split")
     for key in straight:

@@ -3,14 +3,13 @@ through fine-tuning, checkpoints, resume and export; the cubic gradual schedule;
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, file_hashes, run_cli, tiny_overrides
 
 from dist_train import checkpoint
 from dist_train.checkpoint.export import export
@@ -37,14 +36,6 @@ def source(tmp_path_factory) -> Path:
     return root / "runs" / "digits"
 
 
-def _hashes(run_dir: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in run_dir.rglob("*")
-        if p.is_file()
-    }
-
-
 def _prune(source: Path, *args: str) -> int:
     return main(["prune", str(source), *args])
 
@@ -62,9 +53,9 @@ def _zeros(path: Path) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def pruned(source) -> Path:
     """The source pruned to 50% at once and fine-tuned 6 steps (checkpoints at 3 and 6)."""
-    before = _hashes(source)
+    before = file_hashes(source)
     assert _prune(source, "--sparsity", "0.5", "train.max_steps=6") == 0
-    assert _hashes(source) == before  # the source run is only read
+    assert file_hashes(source) == before  # the source run is only read
     return source.parent / "digits-pruned-0.5"
 
 
