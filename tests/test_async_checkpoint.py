@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, logged, metrics_records, run_cli, tiny_overrides
+from conftest import REPO, launch_runs, logged, metrics_records, tiny_overrides
 
 from dist_train import checkpoint
 from dist_train.checkpoint.async_save import FAIL_WRITE_AT_STEP, HOST_MEMORY_GB
@@ -18,9 +18,17 @@ CONFIG = str(REPO / "configs" / "digits.yaml")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _values(**extra: object) -> dict[str, object]:
+    return {
+        "model.name": "tests.user_models:bn_convnet",
+        "checkpoint.every_steps": 2,
+        "checkpoint.keep_last": 10,
+        **extra,
+    }
+
+
 def _overrides(root: Path, name: str, **extra: object) -> list[str]:
-    values = {"model.name": "tests.user_models:bn_convnet", "run.name": name, "checkpoint.every_steps": 2}
-    return tiny_overrides(root, **{"checkpoint.keep_last": 10, **values, **extra})
+    return tiny_overrides(root, **_values(**{"run.name": name, **extra}))
 
 
 def _everything(step_dir: Path) -> dict[str, object]:
@@ -139,10 +147,11 @@ def test_staging_that_does_not_fit_in_host_memory_saves_synchronously(tmp_path, 
 def test_two_ranks_save_asynchronously_as_they_save_synchronously(tmp_path, strategy):
     """2 gloo ranks under torchrun, FSDP: every rank stages its own shards, the background
     writes agree over their own gloo group, and the checkpoints equal the synchronous ones."""
-    for name, async_save in (("sync", False), ("async", True)):
-        overrides = _overrides(tmp_path, name, **{"checkpoint.async_save": async_save, "parallel.strategy": strategy})
-        proc = run_cli("launch", CONFIG, "--nproc-per-node", "2", *overrides)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {
+        name: _values(**{"checkpoint.async_save": async_save, "parallel.strategy": strategy})
+        for name, async_save in (("sync", False), ("async", True))
+    }
+    launch_runs(tmp_path, CONFIG, 2, runs)  # one launch, one run after the other
     runs = tmp_path / "runs"
     for step in (2, 4, 6):
         sync_dir, async_dir = (checkpoint.step_dir(runs / name / "checkpoints", step) for name in ("sync", "async"))
