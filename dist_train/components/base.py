@@ -105,6 +105,12 @@ class Components:
         if duplicated:
             raise UserError(f"two components share the name {duplicated[0]!r}; each needs its own checkpoint entry")
 
+    def put_first(self, component: Component) -> None:
+        """A component that must see every hook before the others (the run's loggers: a record
+        is written before a component reacts to it)."""
+        self.components.insert(0, component)
+        Components.__init__(self, self.components)  # the names stay unique
+
     @property
     def notes(self) -> list[str]:
         return [line for c in self.components for line in c.notes]
@@ -148,7 +154,7 @@ class Components:
         return next((reason for c in self.components if (reason := c.stop_reason())), None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {c.name: c.state_dict() for c in self.components}
+        return {c.name: state for c in self.components if (state := c.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for c in self.components:

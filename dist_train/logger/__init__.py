@@ -1,5 +1,7 @@
 """Rank-0 logging: every record goes to each of the run's loggers (sinks): metrics.jsonl, the
 console (or a progress bar on a terminal), and where switched on W&B, TensorBoard and MLflow.
+The RunLogger is a component (components/base.py): the first in the run's list, it gets each
+record through on_log, as every other component does after it.
 
 Only rank 0 builds a RunLogger that writes anything, so a multi-process job produces exactly
 one metrics file, one W&B run, one TensorBoard event stream and one MLflow run. Each library is
@@ -14,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from dist_train.components import Component
 from dist_train.config import Config
 from dist_train.logger.base import Sink, hyperparameters
 from dist_train.logger.console import Console
@@ -29,7 +32,14 @@ def new_wandb_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-class RunLogger:
+class RunLogger(Component):
+    """Rank 0's loggers behind one component; on every other rank it writes nothing. Beyond the
+    protocol, `message` (a console line), `finished` (the run trained its last step) and
+    `close(exit_code)` (also after a failure: W&B and MLflow mark the run failed), which the
+    trainer calls."""
+
+    name = "loggers"  # no state of its own: the run's identity across resumes is in the checkpoint's record
+
     def __init__(
         self, cfg: Config, run_dir: Path, enabled: bool, run_id: str, resumed_step: int, total_steps: int
     ) -> None:
@@ -55,6 +65,9 @@ class RunLogger:
             self.sinks.append(MLflow(cfg, run_dir, run_id, resumed_step))
         self.sinks.insert(0, MetricsFile(run_dir / "metrics.jsonl", resumed_step))
         self.sinks.append(self.console)
+
+    def on_log(self, run: Any, step: int, metrics: dict[str, Any]) -> None:
+        self.log(step, metrics)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -68,10 +68,9 @@ class Run:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """One record: to rank 0's loggers (metrics.jsonl, the console, W&B, TensorBoard,
-        MLflow), then to every component's on_log, on every rank (a component's on_log must
-        not log through here again)."""
-        self.logger.log(step, metrics)
+        """One record, to every component's on_log, on every rank: first the run's loggers
+        (metrics.jsonl, the console, W&B, TensorBoard, MLflow on rank 0), then the others (a
+        component's on_log must not log through here again)."""
         self.components.on_log(self, step, metrics)
 
     def train_mode(self) -> None:

@@ -62,6 +62,7 @@ def _train(cfg: Config, env: DistEnv, parts: UserParts) -> TrainResult:
         run.checkpointer.restore(resume.path, resume.state, run.fused, not plan.world_changed, cfg.run.seed)
 
     run.logger = on_rank0(env, lambda: _open_run_dir(run, plan, wandb_run_id), share=False) or run.logger
+    run.components.put_first(run.logger)  # every record reaches the loggers first (on_log)
     failed = True
     try:
         _describe(run, plan)
