@@ -36,7 +36,10 @@ def huber(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    out, task, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    run(sys.argv[1], sys.argv[2], sys.argv[3:])
+
+
+def run(out: str, task: str, overrides: list[str]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(1000 + rank)
     model = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, OUTPUTS))

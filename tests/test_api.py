@@ -18,9 +18,15 @@ from dist_train import checkpoint
 from dist_train.errors import ConfigError, UserError
 
 
-def _script(tmp_path, task: str, nproc: int | None, *overrides: str) -> dict:
-    """tests/api_script.py under torchrun with `nproc` gloo processes, or plain python (None)."""
+def _script(tmp_path, task: str, nproc: int | None, *overrides: str, fresh: bool = False) -> dict:
+    """tests/api_script.py under torchrun with `nproc` gloo processes, or alone (None): in this
+    process, or with `fresh` in a plain python of its own (a resume from a new process)."""
     out = tmp_path / f"{task}-{nproc}.json"
+    if nproc is None and not fresh:
+        import api_script
+
+        api_script.run(str(out), task, [f"run.output_dir={tmp_path / 'runs'}", *overrides])
+        return json.loads(out.read_text())
     launcher = [sys.executable] if nproc is None else [sys.executable, "-m", "torch.distributed.run"]
     launcher += [] if nproc is None else ["--standalone", f"--nproc-per-node={nproc}"]
     proc = subprocess.run(
@@ -71,7 +77,7 @@ def test_a_python_loss_function_gets_loss_only_and_the_run_resumes_through_the_s
     straight = _script(tmp_path, "custom", None, "run.name=straight")
     first = _script(tmp_path, "custom", None, "run.name=split", "train.stop_at_step=5")
     assert first["step"] == 5
-    resumed = _script(tmp_path, "custom", None, "run.name=split")
+    resumed = _script(tmp_path, "custom", None, "run.name=split", fresh=True)  # a new process resumes
     assert resumed["step"] == 12
     assert set(straight["eval"]) == {"val_loss"}  # no accuracy for a loss we know nothing of
     a, b = _weights(straight), _weights(resumed)

@@ -3,8 +3,6 @@ numbers as DDP and plain FSDP, resume across meshes and world sizes, and the one
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from conftest import REPO, final_model, gpt_runs, launch_gpt, run_cli, run_logged, tiny_overrides, two_node_agents
@@ -95,8 +93,10 @@ def test_hsdp_matches_ddp_and_fsdp_step_by_step(uninterrupted):
 def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
     # 4 -> 2 -> 2 -> 4 processes, each segment 2 steps of the same global batch of 16, each
     # resuming the previous one's checkpoint: HSDP 2x2, FSDP on 2 (accumulating 2 micro-batches),
-    # DDP on 2 (4 micro-batches), then HSDP 2x2 with every memory option, compile and
-    # per-micro-batch reduce-scatter. Together: one uninterrupted run. (A new world size keeps
+    # DDP on 2 (4 micro-batches), then HSDP 2x2 with every memory option and per-micro-batch
+    # reduce-scatter (torch.compile, half a minute here, is checked against eager in
+    # test_parallel.py and under FSDP with these options in test_fsdp.py). Together: one
+    # uninterrupted run. (A new world size keeps
     # the micro-batch: accumulation adapts.) Each segment costs ~30 s of CI, so a 4x1 mesh
     # (pure replication) is not in the chain.
     root, _ = uninterrupted
@@ -106,8 +106,6 @@ def test_resume_across_meshes_and_world_sizes_continues_the_run(uninterrupted):
         "parallel.cpu_offload": True,
         "parallel.sync_every_micro_batch": True,
     }
-    if shutil.which("cc"):  # torch.compile's CPU backend needs a C compiler
-        options["train.compile"] = True
     segments = [
         (4, HSDP),
         (2, {"parallel.strategy": "fsdp"}),
