@@ -22,7 +22,7 @@ from conftest import (
     tiny_overrides,
 )
 
-from dist_train import checkpoint
+from dist_train import checkpoint, cli
 
 pytestmark = pytest.mark.system
 
@@ -115,7 +115,7 @@ def test_fsdp_bf16_trains(two_ranks):
     assert all(loss < 6.0 for loss in run_logged(root, "bf16", "loss").values())
 
 
-def test_export_from_an_fsdp_checkpoint_reproduces_the_logits(two_ranks, tmp_path):
+def test_export_from_an_fsdp_checkpoint_reproduces_the_logits(two_ranks, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from dist_train.gpt import GPT
@@ -132,11 +132,13 @@ def test_export_from_an_fsdp_checkpoint_reproduces_the_logits(two_ranks, tmp_pat
     tokens = torch.randint(0, 256, (2, 32))
     torch.testing.assert_close(plain(tokens), reference(tokens), rtol=0, atol=0)
 
+    # The same verb in this process (the one above was the real CLI): bf16, and a missing step.
     bf16 = tmp_path / "model_bf16.safetensors"
-    assert run_cli("export", str(run_dir), "--out", str(bf16), "--dtype", "bf16", cwd=REPO).returncode == 0
+    assert cli.main(["export", str(run_dir), "--out", str(bf16), "--dtype", "bf16"]) == 0
     assert load_file(str(bf16))["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
-    missing = run_cli("export", str(run_dir), "--out", str(bf16), "--step", "99", cwd=REPO)
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {run_dir} has no checkpoint for step 99"
+    capsys.readouterr()
+    assert cli.main(["export", str(run_dir), "--out", str(bf16), "--step", "99"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {run_dir} has no checkpoint for step 99"
 
 
 def _reload(tmp_path, source, nproc):

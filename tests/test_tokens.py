@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO, cli_env, run_cli, tiny_overrides, write_text_corpus
 
+import dist_train
 from dist_train import checkpoint
 from dist_train.cli import main
 from dist_train.config import DataConfig, ModelConfig, load_config
@@ -356,11 +357,9 @@ def test_resume_from_2_ranks_on_1_matches_an_uninterrupted_run(tmp_path, bpe_dir
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
-    cli(
-        "train",
-        "configs/gpt_cpu.yaml",
-        *tiny_overrides(tmp_path, **common, **{"run.name": "one", "train.grad_accum_steps": 2}),
-    )
+    # The uninterrupted reference in this process; the 2-rank run and its 1-rank resume from the CLI.
+    one = tiny_overrides(tmp_path, **common, **{"run.name": "one", "train.grad_accum_steps": 2})
+    dist_train.fit(str(REPO / "configs" / "gpt_cpu.yaml"), one)
     split = {**common, "run.name": "split"}
     cli(
         "launch",
