@@ -1,4 +1,4 @@
-"""Asynchronous checkpoints (checkpoint.async_save, dist_train/async_checkpoint.py): the same
+"""Asynchronous checkpoints (checkpoint.async_save, dist_train/checkpoint/async_save.py): the same
 checkpoints as synchronous saves, bit for bit (BatchNorm buffers included), made visible only
 once complete; a failed background write fails the run in one line and resume skips it."""
 

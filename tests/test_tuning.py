@@ -1,4 +1,5 @@
-"""find-lr and find-batch (dist_train/lr_finder.py, batch_finder.py) on the digits job, through
+"""find-lr and find-batch (dist_train/tools/find_lr.py, tools/find_batch.py over
+train/batch_search.py) on the digits job, through
 torchrun's 2 gloo ranks where the decisions must be collective, and data.batch_size=auto with
 train.global_batch in training and on resume."""
 

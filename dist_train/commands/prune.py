@@ -1,7 +1,8 @@
 """`dist-train prune RUN_DIR --sparsity 0.5 [--schedule oneshot|gradual] [--out-name NAME] [key=value ...]`:
-a trained run's smallest weights set to zero (global magnitude, dist_train/prune.py) and fine-tuned
-into a new run, in this process or on torchrun's workers (--nproc-per-node). The source run is
-only read: the new run starts from its newest valid checkpoint through model.init_from."""
+a trained run's smallest weights set to zero (global magnitude: the masks of
+dist_train/components/sparsity.py; the report: dist_train/tools/prune.py) and fine-tuned into a
+new run, in this process or on torchrun's workers (--nproc-per-node). The source run is only
+read: the new run starts from its newest valid checkpoint through model.init_from."""
 
 from __future__ import annotations
 
