@@ -100,6 +100,9 @@ class Components:
 
     def __init__(self, components: list[Component] = ()) -> None:
         self.components = list(components)
+        self._check_names()
+
+    def _check_names(self) -> None:
         names = [c.name for c in self.components]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
@@ -109,7 +112,7 @@ class Components:
         """A component that must see every hook before the others (the run's loggers: a record
         is written before a component reacts to it)."""
         self.components.insert(0, component)
-        Components.__init__(self, self.components)  # the names stay unique
+        self._check_names()
 
     @property
     def notes(self) -> list[str]:

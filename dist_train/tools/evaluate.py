@@ -29,7 +29,7 @@ from dist_train.data import Batch
 from dist_train.data.loader import DataPipeline, load_datasets
 from dist_train.distributed import DistEnv, on_rank0, process_group, read_env
 from dist_train.train.assembly import assemble, device_strategy, fixed_lr
-from dist_train.train.evaluation import evaluate
+from dist_train.train.evaluation import evaluate_run
 
 # val: the split training validates on; train: the training samples through the evaluation
 # transform (no augmentation), as a check of fit against the validation numbers.
@@ -152,11 +152,9 @@ def build_parts(cfg: Config, env: DistEnv, split: str, load: Callable[[nn.Module
     # the weights are load()'s, so model.init_from is not read.
     run = assemble(cfg, env, strategy, Batch(env.world_size, 1, 1), datasets, lr_factor=fixed_lr, resuming=True)
     load(run.model)
-    amp = run.autocast()
 
     def evaluate_model(model: nn.Module, save_to: tuple[Path, str] | None) -> dict[str, float]:
-        loader, batches = run.data.val_loader, cfg.train.eval_batches
-        return evaluate(model, run.task, loader, run.inputs_to_device, env.device, amp, batches, save_to)
+        return evaluate_run(run, model, save_to)
 
     return EvalParts(strategy.unwrap(run.model), run.data, run.inputs_to_device, evaluate_model)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from dist_train.distributed import all_reduce_max, all_reduce_sum
 from dist_train.tasks import Task
+from dist_train.train.assembly import Run
 
 
 @torch.no_grad()
@@ -52,3 +53,13 @@ def evaluate(
     if save_to is not None:
         evaluation.save(*save_to)
     return evaluation.compute()
+
+
+def evaluate_run(run: Run, model: nn.Module, save_to: tuple[Path, str] | None = None) -> dict[str, float]:
+    """`evaluate` of `model` (the run's own, its EMA, or a copy taking the same inputs: a
+    quantized one) with the run's task, validation loader, input layout, precision and
+    train.eval_batches: what training logs and `dist-train eval` reports."""
+    return evaluate(
+        model, run.task, run.data.val_loader, run.inputs_to_device, run.env.device, run.autocast(),
+        run.cfg.train.eval_batches, save_to,
+    )  # fmt: skip

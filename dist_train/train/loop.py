@@ -17,7 +17,7 @@ import torch
 
 from dist_train.distributed import DistEnv, all_reduce_max, broadcast_buffers
 from dist_train.train.assembly import Run
-from dist_train.train.evaluation import evaluate
+from dist_train.train.evaluation import evaluate_run
 from dist_train.train.interval import Interval
 from dist_train.train.plan import Plan
 from dist_train.train.step import forward_backward, optimizer_step
@@ -61,7 +61,7 @@ def fit(run: Run, plan: Plan) -> TrainResult:
         checkpoint_due = run.checkpointer.due(step, plan.end_step, stop_signal is not None)
         with interval.paused(eval_due or checkpoint_due):
             if eval_due:
-                result.eval_metrics = _evaluate(run, step, amp)
+                result.eval_metrics = _evaluate(run, step)
                 # Components see the run's own schedule only, not the extra evaluation at an
                 # invocation's end (train.stop_at_step): decisions must not depend on where it resumed.
                 if scheduled_eval:
@@ -82,17 +82,14 @@ def fit(run: Run, plan: Plan) -> TrainResult:
     return result
 
 
-def _evaluate(run: Run, step: int, amp) -> dict[str, float]:
+def _evaluate(run: Run, step: int) -> dict[str, float]:
     """A scheduled evaluation, logged; the model goes back to training mode after it."""
     # Each rank's BatchNorm statistics drifted with its own batches: evaluate rank 0's.
     model = run.strategy.unwrap(run.model)
     broadcast_buffers(model)
     files = (run.cfg.run_dir, f"step_{step:08d}") if run.env.is_main else None  # rank 0 writes them
     with run.components.eval_weights(run):  # train.ema's average, where kept
-        metrics = evaluate(
-            model, run.task, run.data.val_loader, run.inputs_to_device, run.env.device, amp,
-            run.cfg.train.eval_batches, files,
-        )  # fmt: skip
+        metrics = evaluate_run(run, model, files)
     run.log(step, metrics)
     run.train_mode()
     return metrics
